@@ -1,0 +1,3 @@
+"""contrastlab."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,497 @@
+"""Typed, frozen configuration: the one place where every default lives.
+
+A run is fully described by a :class:`Config`. It is built from a YAML file plus
+``key=value`` overrides (dotted paths), validated once, and never mutated afterwards.
+Unknown keys and wrong types raise :class:`ConfigError`, which names the offending key and
+lists the allowed ones.
+
+Some defaults depend on other choices (the augmentation recipe depends on the method, MoCo v1
+uses a linear head). Those are resolved *before* validation, so the resolved config that is
+saved next to every run holds concrete values only: what you read is what ran.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid. The message names the key and what is allowed."""
+
+
+class _Strict(BaseModel):
+    # frozen: nothing mutates after parsing; extra=forbid: unknown keys raise.
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+# --------------------------------------------------------------------------- methods
+
+
+class SimCLRConfig(_Strict):
+    """SimCLR: NT-Xent over ``n_views`` augmented views of each image."""
+
+    name: Literal["simclr"] = "simclr"
+    temperature: float = Field(0.5, gt=0, description="softmax temperature tau")
+    n_views: int = Field(2, ge=2, description="augmented views per image")
+
+
+class SupConConfig(_Strict):
+    """Supervised contrastive loss (Khosla et al. 2020), ``contrast_count`` views per image.
+
+    ``base_temperature``: SupContrast multiplies the loss by ``temperature / base_temperature``
+    behind the user's back (0.07). Here it is off unless set explicitly.
+    """
+
+    name: Literal["supcon"] = "supcon"
+    temperature: float = Field(0.1, gt=0)
+    contrast_count: int = Field(2, ge=2, description="augmented views per image")
+    base_temperature: float | None = Field(
+        None, gt=0, description="if set, loss is scaled by temperature / base_temperature"
+    )
+
+
+class MoCoConfig(_Strict):
+    """MoCo v1/v2: InfoNCE against a queue of K negatives from a momentum key encoder."""
+
+    name: Literal["moco"] = "moco"
+    variant: Literal["v1", "v2"] = "v2"
+    temperature: float = Field(0.2, gt=0)
+    queue_size: int = Field(4096, ge=1, description="K, number of queued negative keys")
+    momentum: float = Field(0.99, ge=0.0, le=1.0, description="key encoder EMA momentum m")
+    symmetric: bool = Field(False, description="symmetrised loss over both view orders")
+
+
+class EMPSSLConfig(_Strict):
+    """EMP-SSL (Tong et al. 2023): many fixed-scale patches, Total Coding Rate + invariance."""
+
+    name: Literal["emp_ssl"] = "emp_ssl"
+    num_patches: int = Field(20, ge=2, description="fixed-scale crops per image")
+    eps: float = Field(0.2, gt=0, description="TCR distortion eps in logdet(I + d/(b*eps) ZZ^T)")
+    invariance_weight: float = Field(200.0, ge=0, description="weight of the cosine term")
+    tcr_weight: float = Field(1.0, ge=0, description="weight of the (negated) TCR term")
+
+
+MethodConfig = Annotated[
+    SimCLRConfig | SupConConfig | MoCoConfig | EMPSSLConfig, Field(discriminator="name")
+]
+METHOD_CONFIGS: dict[str, type[_Strict]] = {
+    "simclr": SimCLRConfig,
+    "supcon": SupConConfig,
+    "moco": MoCoConfig,
+    "emp_ssl": EMPSSLConfig,
+}
+
+# --------------------------------------------------------------------------- model
+
+Backbone = Literal[
+    "convnet",
+    "cifar_resnet18",
+    "cifar_resnet34",
+    "cifar_resnet50",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+]
+
+
+class ModelConfig(_Strict):
+    """Backbone and projection head."""
+
+    backbone: Backbone = "convnet"
+    width: int = Field(32, ge=4, description="base channel count of the 'convnet' backbone")
+    head: Literal["mlp", "linear", "none"] = "mlp"
+    head_hidden_dim: int = Field(512, ge=1)
+    head_layers: int = Field(2, ge=1, description="linear layers in the MLP head")
+    head_batchnorm: bool = Field(True, description="BatchNorm between MLP head layers")
+    proj_dim: int = Field(128, ge=1, description="output dim of the projection head")
+
+
+# --------------------------------------------------------------------------- data
+
+Dataset = Literal["digits", "cifar10", "cifar100", "stl10", "imagefolder", "parquet"]
+
+
+class DataConfig(_Strict):
+    """Where images come from. ``root`` is required for every dataset but ``digits``."""
+
+    dataset: Dataset = "digits"
+    root: str | None = Field(None, description="dataset directory")
+    test_root: str | None = Field(
+        None, description="held-out directory for imagefolder/parquet (else a split of root)"
+    )
+    image_size: int = Field(16, ge=4, description="images are resized to this square size")
+    test_fraction: float = Field(
+        0.25, gt=0, lt=1, description="held-out share when a dataset has no official test split"
+    )
+    split_seed: int = Field(0, description="seed of that held-out split")
+    max_train_samples: int | None = Field(None, ge=1, description="truncate the train set")
+    unlabeled: bool = Field(
+        False, description="STL-10: also train on the 100k unlabeled images (label -1)"
+    )
+    on_device: bool = Field(True, description="hold the whole dataset as one tensor on device")
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+class AugmentConfig(_Strict):
+    """Batched augmentation recipe, applied on the training device.
+
+    ``recipe`` picks the defaults of every other field (SimCLR/MoCo v2, EMP-SSL, or the digits
+    variant of SimCLR's); any field set explicitly wins. The saved config holds the resolved
+    values. When ``recipe`` is not given it follows the method and dataset: ``emp_ssl`` for
+    EMP-SSL, ``digits`` on the built-in digits, else ``simclr``.
+    """
+
+    recipe: Literal["simclr", "emp_ssl", "digits"] = "simclr"
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = Field(0.5, ge=0, le=1)
+    jitter_p: float = Field(0.8, ge=0, le=1)
+    brightness: float = Field(0.4, ge=0)
+    contrast: float = Field(0.4, ge=0)
+    saturation: float = Field(0.4, ge=0)
+    hue: float = Field(0.1, ge=0, le=0.5)
+    grayscale_p: float = Field(0.2, ge=0, le=1)
+    blur_p: float = Field(0.5, ge=0, le=1)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel_frac: float = Field(
+        0.1, gt=0, le=1, description="Gaussian kernel size as a fraction of the output size"
+    )
+    solarize_p: float = Field(0.0, ge=0, le=1)
+    solarize_threshold: float = Field(0.5, ge=0, le=1)
+    normalize: bool = Field(True, description="subtract dataset mean, divide by std")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        for key in ("crop_scale", "crop_ratio", "blur_sigma"):
+            lo, hi = getattr(self, key)
+            if not (0 < lo <= hi):
+                raise ValueError(f"augment.{key} must satisfy 0 < low <= high, got {(lo, hi)}")
+        if self.crop_scale[1] > 1:
+            raise ValueError(f"augment.crop_scale high must be <= 1, got {self.crop_scale[1]}")
+        return self
+
+
+AUGMENT_RECIPES: dict[str, dict[str, Any]] = {
+    # SimCLR / MoCo v2 (Chen et al. 2020): random resized crop, flip, jitter 0.8, gray 0.2, blur.
+    "simclr": {},
+    # EMP-SSL: fixed-scale 0.25 crops of ratio 1, jitter, grayscale, blur 0.1, solarize 0.1.
+    "emp_ssl": {
+        "crop_scale": (0.25, 0.25),
+        "crop_ratio": (1.0, 1.0),
+        "blur_p": 0.1,
+        "solarize_p": 0.1,
+    },
+    # 8x8 digits: a 20% crop or a mirror image no longer shows the same digit (a mirrored 2 is
+    # not a 2), so milder crops and no flip; blur of an upscaled 8x8 image removes the digit.
+    # The README ("Main job") compares it with the SimCLR recipe on digits.
+    "digits": {"crop_scale": (0.3, 1.0), "flip_p": 0.0, "blur_p": 0.0},
+}
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+class OptimConfig(_Strict):
+    """Optimizer and learning-rate schedule (linear warmup, then cosine to ``final_lr``)."""
+
+    name: Literal["sgd", "lars", "adamw"] = "sgd"
+    lr: float = Field(0.3, gt=0, description="peak learning rate (after warmup)")
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD/LARS momentum")
+    betas: tuple[float, float] = (0.9, 0.999)
+    lars_eta: float = Field(0.001, gt=0, description="LARS trust coefficient")
+    exclude_bias_and_norm: bool = Field(
+        True, description="no weight decay / LARS adaptation on biases and norm weights"
+    )
+    warmup_epochs: float = Field(0.0, ge=0)
+    final_lr: float = Field(0.0, ge=0, description="learning rate at the end of the cosine")
+    fused: bool = Field(True, description="fused optimizer kernels on CUDA (ignored on CPU)")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class EvalConfig(_Strict):
+    """Evaluation protocol; every reported number is logged with the protocol that made it."""
+
+    knn_k: int = Field(200, ge=1, description="neighbours of the weighted kNN monitor")
+    knn_t: float = Field(0.1, gt=0, description="temperature of the kNN vote weights")
+    knn_every: int = Field(1, ge=0, description="run the kNN monitor every N epochs (0 = never)")
+    knn_at_init: bool = Field(
+        True, description="also run it before training: the random-init encoder baseline"
+    )
+    feature: Literal["backbone", "patch_avg"] = Field(
+        "backbone", description="'patch_avg': EMP-SSL mean of backbone features over patches"
+    )
+    num_patches: int = Field(16, ge=1, description="patches averaged when feature='patch_avg'")
+    linear_probe: bool = Field(False, description="train a linear probe at the end of training")
+    probe_epochs: int = Field(100, ge=1)
+    probe_lr: float = Field(0.1, gt=0)
+    probe_weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(512, ge=1, description="feature extraction batch size")
+
+
+# --------------------------------------------------------------------------- training
+
+
+class TrainConfig(_Strict):
+    """Loop, precision and run-directory settings."""
+
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(256, ge=2)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16 autocast for the forward pass (CUDA or CPU)"
+    )
+    channels_last: bool = Field(True, description="channels_last memory format (CUDA only)")
+    compile: bool = Field(False, description="torch.compile the backbone, fall back on failure")
+    compile_backend: str = Field("inductor", description="torch.compile backend")
+    grad_clip: float | None = Field(None, gt=0)
+    deterministic: bool = Field(True, description="deterministic algorithms (CPU exact repeat)")
+    output_dir: str = Field("runs", description="parent directory of run directories")
+    run_name: str | None = Field(None, description="run directory name (default: time stamp)")
+    checkpoint_every: int = Field(1, ge=1, description="save a checkpoint every N epochs")
+    keep_checkpoints: int = Field(2, ge=1, description="how many epoch checkpoints to keep")
+    progress: bool = Field(True, description="show a progress bar")
+    log_every: int = Field(
+        20, ge=1, description="steps between progress-bar updates (each one syncs the device)"
+    )
+
+
+# --------------------------------------------------------------------------- top level
+
+
+class Config(_Strict):
+    """A full run description. Build it with :func:`load_config` or :func:`make_config`."""
+
+    method: MethodConfig = Field(default_factory=SimCLRConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Config:
+        m = self.method
+        if self.data.dataset != "digits" and self.data.root is None:
+            raise ValueError(f"data.root is required for data.dataset={self.data.dataset!r}")
+        if isinstance(m, MoCoConfig) and m.queue_size % self.train.batch_size != 0:
+            raise ValueError(
+                f"method.queue_size ({m.queue_size}) must be a multiple of train.batch_size "
+                f"({self.train.batch_size}) so that each step replaces whole queue slots"
+            )
+        if isinstance(m, SupConConfig | SimCLRConfig) and self.train.batch_size < 2:
+            raise ValueError("train.batch_size must be >= 2 for in-batch negatives")
+        return self
+
+    @property
+    def views_per_sample(self) -> int:
+        """How many augmented views the method draws per image each step."""
+        m = self.method
+        if isinstance(m, SimCLRConfig):
+            return m.n_views
+        if isinstance(m, SupConConfig):
+            return m.contrast_count
+        if isinstance(m, EMPSSLConfig):
+            return m.num_patches
+        return 2
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML-safe dict of every resolved value."""
+        return _plain(self.model_dump(mode="python"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"method.temperature": 0.5, ...}``: one entry per leaf, for trackers."""
+        return dict(_flatten(self.to_dict()))
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            yield from _flatten(v, key + ".")
+        else:
+            yield key, v
+
+
+# --------------------------------------------------------------------------- building
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "augment": AugmentConfig,
+    "optim": OptimConfig,
+    "eval": EvalConfig,
+    "train": TrainConfig,
+}
+
+
+def _resolve_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """Fill the defaults that depend on other choices, so the saved config is concrete."""
+    raw = copy.deepcopy(raw)
+    method = raw.setdefault("method", {})
+    if not isinstance(method, dict):
+        raise ConfigError(f"'method' must be a mapping with a 'name' key, got {method!r}")
+    name = method.setdefault("name", "simclr")
+    if name not in METHOD_CONFIGS:
+        raise ConfigError(
+            f"method.name: unknown method {name!r}; allowed: {sorted(METHOD_CONFIGS)}"
+        )
+    for section in _SECTIONS:
+        if section in raw and not isinstance(raw[section], dict):
+            raise ConfigError(f"'{section}' must be a mapping, got {raw[section]!r}")
+    model = raw.setdefault("model", {})
+    if name == "moco" and method.get("variant", "v2") == "v1":
+        model.setdefault("head", "linear")  # MoCo v1: linear 128-d projection
+    augment = raw.setdefault("augment", {})
+    data = raw.get("data") or {}
+    dataset = data.get("dataset", DataConfig.model_fields["dataset"].default)
+    default_recipe = (
+        "emp_ssl" if name == "emp_ssl" else "digits" if dataset == "digits" else "simclr"
+    )
+    recipe = augment.setdefault("recipe", default_recipe)
+    if recipe not in AUGMENT_RECIPES:
+        raise ConfigError(
+            f"augment.recipe: unknown recipe {recipe!r}; allowed: {sorted(AUGMENT_RECIPES)}"
+        )
+    for key, value in AUGMENT_RECIPES[recipe].items():
+        augment.setdefault(key, value)
+    if name == "emp_ssl":
+        raw.setdefault("eval", {}).setdefault("feature", "patch_avg")
+    return raw
+
+
+def _allowed_keys(loc: tuple[Any, ...], raw: dict[str, Any]) -> list[str] | None:
+    """Field names allowed at ``loc`` (the parent of an offending key)."""
+    model: type[BaseModel] = Config
+    node: Any = raw
+    for part in loc:
+        if model is Config and part == "method":
+            name = node.get("method", {}).get("name") if isinstance(node, dict) else None
+            model = METHOD_CONFIGS.get(name, SimCLRConfig)  # type: ignore[assignment]
+        elif part in _SECTIONS and model is Config:
+            model = _SECTIONS[part]
+        elif part in METHOD_CONFIGS:
+            continue  # pydantic puts the union tag in the location
+        else:
+            return None
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return sorted(model.model_fields)
+
+
+def _format_error(err: ValidationError, raw: dict[str, Any]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if p not in METHOD_CONFIGS)
+        key = ".".join(str(p) for p in loc) or "<config>"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1], raw) or []
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"{key}: unknown key{hint}; allowed: {', '.join(allowed)}")
+        elif e["type"] == "union_tag_invalid":
+            lines.append(f"{key}: {e['msg']}")
+        elif e["type"] == "value_error" and not loc:
+            # cross-field rules: the message itself names the keys
+            lines.append(str(e["ctx"]["error"]) if "ctx" in e else e["msg"])
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{key}: {e['msg']}{shown}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def make_config(raw: Mapping[str, Any] | None = None) -> Config:
+    """Validate a nested mapping into a :class:`Config`; raise :class:`ConfigError` if bad."""
+    raw = dict(raw or {})
+    top_allowed = sorted(Config.model_fields)
+    for key in raw:
+        if key not in top_allowed:
+            close = difflib.get_close_matches(str(key), top_allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: unknown section{hint}; allowed: {', '.join(top_allowed)}")
+    resolved = _resolve_defaults(raw)
+    try:
+        return Config.model_validate(resolved)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, resolved)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"method.temperature=0.2"`` -> ``(["method", "temperature"], 0.2)`` (YAML-typed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, _, value = text.partition("=")
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return path, parsed
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``a.b=value`` override set."""
+    out = copy.deepcopy(dict(raw))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with ``safe_load``; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load ``path`` (optional), apply ``overrides``, validate. Errors name file and key."""
+    raw = read_yaml(path) if path is not None else {}
+    try:
+        return make_config(apply_overrides(raw, overrides))
+    except ConfigError as e:
+        if path is not None:
+            raise ConfigError(f"{path}: {e}") from None
+        raise

@@ -1,0 +1,55 @@
+"""``load_dataset``: the one entry point the trainer calls."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+from ..config import DataConfig
+from .cifar import load_cifar
+from .core import DatasetSplits
+from .digits import load_digits_splits
+from .folder import load_image_folder
+from .parquet import load_parquet
+from .stl10 import load_stl10
+
+LOADERS: dict[str, Callable[[DataConfig], DatasetSplits]] = {
+    "digits": load_digits_splits,
+    "cifar10": load_cifar,
+    "cifar100": load_cifar,
+    "stl10": load_stl10,
+    "imagefolder": load_image_folder,
+    "parquet": load_parquet,
+}
+
+# Datasets with an official test split: test_root / test_fraction do not apply to them.
+_OFFICIAL_TEST = ("cifar10", "cifar100", "stl10")
+
+
+def load_dataset(cfg: DataConfig) -> DatasetSplits:
+    """Decode ``cfg.dataset`` into memory as ``uint8 [N, 3, S, S]`` train and test splits.
+
+    Args:
+        cfg: the ``data`` section of the run config.
+
+    Returns:
+        :class:`DatasetSplits` whose ``train`` may include unlabeled rows (label ``-1``, STL-10
+        with ``unlabeled=True``, or unlabeled parquet rows) and whose ``test`` is labeled. Both
+        carry the mean/std of the (possibly truncated) train images.
+
+    Raises:
+        DataError: missing or malformed dataset files; the message names the file or
+            directory and what was expected.
+    """
+    if cfg.dataset not in LOADERS:
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; allowed: {sorted(LOADERS)}")
+    if cfg.unlabeled and cfg.dataset != "stl10":
+        warnings.warn(
+            f"data.unlabeled only applies to stl10; ignored for {cfg.dataset!r}", stacklevel=2
+        )
+    if cfg.test_root is not None and cfg.dataset in (*_OFFICIAL_TEST, "digits"):
+        warnings.warn(
+            f"data.test_root is ignored for {cfg.dataset!r}, which has a fixed test split",
+            stacklevel=2,
+        )
+    return LOADERS[cfg.dataset](cfg)

@@ -1,0 +1,304 @@
+"""Contrastive and coding-rate losses as pure functions on tensors.
+
+Every function here is a plain, differentiable function of its tensor arguments:
+
+* no module state, no device guessing (masks and targets are built on the input's device),
+* no ``torch.distributed`` calls (a caller that wants cross-worker negatives gathers first),
+* no hidden hyperparameters (every constant that changes the result is an argument).
+
+Precision: the reductions that are sensitive to rounding (log-sum-exp / cross-entropy over the
+similarity logits, Cholesky log-determinants) run in at least float32 even when the inputs are
+bfloat16 or the call happens under ``torch.autocast``; the large matrix products of the
+contrastive losses stay in the caller's precision. float64 inputs stay float64.
+
+Reference implementations the semantics follow (read, not copied):
+
+* ``supcon_loss`` / ``nt_xent_loss``: HobbitLong/SupContrast ``losses.py`` (``SupConLoss``,
+  ``contrast_mode='all'``) and lightly ``lightly/loss/ntx_ent_loss.py``.
+* ``info_nce_loss``: facebookresearch/moco ``moco/builder.py`` (``MoCo.forward``).
+* ``total_coding_rate`` / ``emp_ssl_loss``: tsb0601/EMP-SSL ``loss.py`` (``TotalCodingRate``)
+  and ``main.py`` (``Similarity_Loss``, ``cal_TCR``, ``chunk_avg``), cross-checked against
+  lightly ``lightly/loss/emp_ssl_loss.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "emp_ssl_loss",
+    "info_nce_loss",
+    "nt_xent_loss",
+    "supcon_loss",
+    "total_coding_rate",
+]
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Casts half/bfloat16 tensors up to float32; float32 and float64 are left untouched."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def supcon_loss(
+    z: Tensor,
+    labels: Tensor | None,
+    temperature: float,
+    base_temperature: float | None = None,
+) -> Tensor:
+    """Supervised contrastive loss (SupCon, ``L_out`` form); SimCLR's NT-Xent when unlabelled.
+
+    The ``V * B`` embeddings are flattened view-major (row ``v * B + b`` is view ``v`` of sample
+    ``b``) and L2-normalised. Every row ``i`` is an anchor. With ``s_ij = z_i . z_j / T``, the set
+    ``A(i)`` of all rows except ``i`` and the positives ``P(i) = {p in A(i): y_p == y_i}``::
+
+        l_i = -1/|P(i)| * sum_{p in P(i)} [ s_ip - log sum_{a in A(i)} exp(s_ia) ]
+
+    When ``labels`` is None, ``y`` is the sample index, so the positives of an anchor are exactly
+    the other views of the same sample (SimCLR / NT-Xent; with ``V > 2`` that is the multi-view
+    generalisation used by SupContrast).
+
+    Differences from SupContrast's ``SupConLoss`` (``contrast_mode='all'``):
+
+    * the input is view-major ``[V, B, D]`` rather than ``[B, V, D]``;
+    * the embeddings are L2-normalised here, not by the caller;
+    * the mean runs over anchors that have at least one positive only. SupContrast averages over
+      all anchors and produces NaN (0/0) for an anchor without a positive; here such anchors
+      contribute nothing, and if no anchor has a positive the loss is exactly 0 (still attached
+      to the graph, so ``backward()`` works and yields zero gradients);
+    * the ``temperature / base_temperature`` rescaling is off unless ``base_temperature`` is
+      given (SupContrast always applies it, with ``base_temperature=0.07``);
+    * SupContrast's ``1e-9`` inside the log is not needed: the denominator is a log-sum-exp.
+
+    Args:
+        z: ``[V, B, D]`` embeddings, ``V`` views of ``B`` samples, view-major. Any float dtype;
+            the logits are promoted to at least float32 before the log-softmax.
+        labels: ``[B]`` integer class labels, on ``z``'s device, or None for the unsupervised
+            (SimCLR) positives. Labels are compared for equality only.
+        temperature: softmax temperature ``T`` (> 0).
+        base_temperature: if given, the loss is multiplied by ``temperature / base_temperature``
+            (SupContrast's rescaling made explicit). None means no rescaling.
+
+    Returns:
+        Scalar loss (dtype at least float32): mean of ``l_i`` over anchors with ``|P(i)| > 0``.
+
+    Raises:
+        ValueError: on malformed shapes or a non-positive temperature.
+    """
+    if z.ndim != 3:
+        raise ValueError(f"z must be [V, B, D], got shape {tuple(z.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if base_temperature is not None and base_temperature <= 0:
+        raise ValueError(f"base_temperature must be > 0, got {base_temperature}")
+    n_views, batch, dim = z.shape
+    n = n_views * batch
+
+    feats = F.normalize(z.reshape(n, dim), dim=-1)
+    # The N x N product is the expensive part and stays in the caller's precision (or autocast's);
+    # the log-softmax below is done in >= float32 because bf16 log-sum-exp is visibly lossy.
+    logits = _at_least_fp32(feats @ feats.T) / temperature
+
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    if labels is None:
+        # Positives are the other views of the same sample.
+        same = torch.eye(batch, dtype=torch.bool, device=z.device)
+    else:
+        if labels.shape != (batch,):
+            raise ValueError(f"labels must have shape [{batch}], got {tuple(labels.shape)}")
+        same = labels[:, None] == labels[None, :]
+    # Tile the [B, B] relation to all view pairs, then drop the anchor itself.
+    pos_mask = same.repeat(n_views, n_views) & ~self_mask
+
+    # The anchor is excluded from its own denominator by sending its logit to -inf; logsumexp
+    # subtracts the row max internally, so this is stable for small temperatures.
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+
+    # torch.where (not mask * log_prob) so the -inf on the diagonal never meets a 0 (NaN in the
+    # value and in the gradient).
+    pos_count = pos_mask.sum(dim=1)
+    pos_log_prob = torch.where(pos_mask, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
+    # clamp_min(1): anchors without positives have a 0 numerator and must not divide by 0.
+    per_anchor = -pos_log_prob / pos_count.clamp_min(1)
+    # Mean over anchors that have positives, computed without a host sync; 0 if there are none.
+    n_valid = (pos_count > 0).sum().clamp_min(1)
+    loss = per_anchor.sum() / n_valid
+
+    if base_temperature is not None:
+        loss = loss * (temperature / base_temperature)
+    return loss
+
+
+def nt_xent_loss(z: Tensor, temperature: float) -> Tensor:
+    """SimCLR's NT-Xent (normalised temperature-scaled cross-entropy) for ``V >= 2`` views.
+
+    Exactly ``supcon_loss(z, None, temperature)``: each of the ``V * B`` embeddings is an anchor,
+    its positives are the ``V - 1`` other views of the same sample, and its denominator runs over
+    all ``V * B - 1`` other embeddings. For ``V == 2`` this is the loss of SimCLR / lightly's
+    ``NTXentLoss`` without a memory bank (mean over the ``2B`` anchors).
+
+    Args:
+        z: ``[V, B, D]`` embeddings, view-major, ``V >= 2``. L2-normalised inside.
+        temperature: softmax temperature (> 0).
+
+    Returns:
+        Scalar loss (dtype at least float32).
+
+    Raises:
+        ValueError: if ``z`` is not ``[V, B, D]`` with ``V >= 2``.
+    """
+    if z.ndim != 3 or z.shape[0] < 2:
+        raise ValueError(f"z must be [V, B, D] with V >= 2, got shape {tuple(z.shape)}")
+    return supcon_loss(z, None, temperature)
+
+
+def info_nce_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """MoCo's InfoNCE loss with a queue of negative keys.
+
+    For query ``q_n`` (normalised), its key ``k_n`` (normalised, detached) and the queued keys
+    ``u_1..u_K``::
+
+        logits_n = [q_n . k_n, q_n . u_1, ..., q_n . u_K] / T
+        loss     = mean_n  cross_entropy(logits_n, target=0)
+
+    As in ``moco/builder.py``, neither the keys nor the queue receive gradients: ``k`` and
+    ``queue`` are detached here (upstream computes ``k`` under ``no_grad`` and detaches the queue).
+    Updating the queue (enqueue / dequeue) is the caller's job.
+
+    Args:
+        q: ``[N, D]`` queries. L2-normalised inside.
+        k: ``[N, D]`` positive keys for the queries. L2-normalised and detached inside.
+        queue: ``[K, D]`` negative keys, assumed already L2-normalised (the queue stores
+            normalised keys), so it is not renormalised. ``K == 0`` is allowed.
+        temperature: softmax temperature ``T`` (> 0).
+
+    Returns:
+        ``(loss, logits)``: scalar loss and ``[N, 1 + K]`` logits with the positive at index 0,
+        both with dtype at least float32.
+
+    Raises:
+        ValueError: on mismatched shapes or a non-positive temperature.
+    """
+    if q.ndim != 2 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be [N, D], got {tuple(q.shape)}, {tuple(k.shape)}")
+    if queue.ndim != 2 or queue.shape[1] != q.shape[1]:
+        raise ValueError(f"queue must be [K, {q.shape[1]}], got {tuple(queue.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+    q = F.normalize(q, dim=1)
+    k = F.normalize(k.detach(), dim=1)
+    l_pos = (q * k).sum(dim=1, keepdim=True)  # [N, 1]
+    l_neg = q @ queue.detach().T  # [N, K]
+    # Cross-entropy in >= float32: under CPU autocast the matmul above comes back in bf16.
+    logits = torch.cat([_at_least_fp32(l_pos), _at_least_fp32(l_neg)], dim=1) / temperature
+    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    loss = F.cross_entropy(logits, target)
+    return loss, logits
+
+
+def total_coding_rate(z: Tensor, eps: float) -> Tensor:
+    """Total coding rate ``R(Z) = 1/2 logdet(I_D + D / (B * eps) * Z^T Z)`` (EMP-SSL / MCR^2).
+
+    Matches ``TotalCodingRate.compute_discrimn_loss`` in tsb0601/EMP-SSL ``loss.py`` (which works
+    on ``W = Z^T``): ``eps`` enters linearly. The papers write ``eps^2``; the official code, and
+    this function, do not square it, so ``eps`` values from EMP-SSL configs carry over unchanged.
+    This is the coding rate itself (to be maximised); EMP-SSL's criterion returns its negative.
+
+    Implementation:
+
+    * computed in float32 (float64 stays float64) even for bf16 / fp16 input or under autocast:
+      a log-determinant via a bf16 Gram matrix / Cholesky is not reliable. The result therefore
+      has dtype at least float32.
+    * Sylvester's identity ``logdet(I_D + c Z^T Z) = logdet(I_B + c Z Z^T)`` lets us factor
+      whichever Gram matrix is smaller (``D x D`` if ``D <= B``, else ``B x B``).
+    * the matrix is ``I + PSD``, hence symmetric positive definite with eigenvalues >= 1, so its
+      log-determinant is ``2 * sum(log(diag(cholesky(M))))``: cheaper and more stable than LU.
+      ``cholesky_ex`` is used without error checking to avoid a device sync; non-finite inputs
+      propagate to a non-finite result rather than raising.
+
+    Args:
+        z: ``[B, D]`` embeddings (rows are samples), or ``[..., B, D]`` for a batch of
+            independent coding rates (used by ``emp_ssl_loss``). Not normalised here.
+        eps: distortion ``eps`` (> 0) as in the EMP-SSL code (not squared).
+
+    Returns:
+        ``R(Z)``: a scalar for ``[B, D]`` input, ``[...]`` for batched input.
+
+    Raises:
+        ValueError: if ``z`` has fewer than 2 dims or ``eps <= 0``.
+    """
+    if z.ndim < 2:
+        raise ValueError(f"z must be [B, D] or [..., B, D], got shape {tuple(z.shape)}")
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    batch, dim = z.shape[-2], z.shape[-1]
+    scale = dim / (batch * eps)
+
+    # Autocast would silently cast the Gram product back to bf16: switch it off for this block.
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        zf = _at_least_fp32(z)
+        # [..., D, D] Gram matrix if D <= B, else the [..., B, B] one (same logdet).
+        gram = zf.mT @ zf if dim <= batch else zf @ zf.mT
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        chol, _ = torch.linalg.cholesky_ex(eye + scale * gram)
+        # 1/2 logdet(M) = 1/2 * 2 * sum(log diag(L)).
+        return torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(dim=-1)
+
+
+def emp_ssl_loss(
+    z: Tensor, eps: float, invariance_weight: float, tcr_weight: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """EMP-SSL loss: total coding rate per patch group plus patch-to-mean invariance.
+
+    With ``z`` L2-normalised along ``D`` and ``zbar_b = mean_p z[p, b]``::
+
+        tcr        = mean_p total_coding_rate(z[p], eps)          # z[p] is [B, D]
+        invariance = mean_{p, b} cos(z[p, b], zbar_b)
+        loss       = -tcr_weight * tcr - invariance_weight * invariance
+
+    Choices, following the official code (tsb0601/EMP-SSL ``main.py``: ``chunk_avg`` with
+    ``normalize=False``, ``Similarity_Loss``, ``cal_TCR``; the encoder L2-normalises its output):
+
+    * the patch mean ``zbar_b`` is *not* detached, as upstream (which recomputes the mean from
+      the live patch embeddings). This is immaterial for value and gradient: for unit-norm
+      patches, ``sum_p cos(z[p, b], u) = P * zbar_b . u / |u|`` is maximised over directions
+      ``u`` at ``u = zbar_b``, so the gradient through the mean is exactly zero (up to rounding);
+      detaching would only save a little backward work.
+    * ``zbar_b`` is not renormalised; it only enters through a cosine similarity, which is scale
+      invariant, so renormalising would change neither the value nor the gradient.
+    * in upstream, the weights are ``--tcr`` (default 1) and ``--patch_sim`` (default 200), and
+      ``eps`` is ``--eps`` (default 0.2), not squared (see :func:`total_coding_rate`).
+
+    The invariance term is computed in at least float32 like the coding rate, so bf16 inputs
+    give the same loss up to the rounding of the inputs themselves.
+
+    Args:
+        z: ``[P, B, D]`` projections of ``P`` patches of ``B`` images (patch-major).
+            L2-normalised inside.
+        eps: coding-rate distortion (> 0), not squared.
+        invariance_weight: weight of the invariance term (EMP-SSL's ``patch_sim``).
+        tcr_weight: weight of the coding-rate term (EMP-SSL's ``tcr``).
+
+    Returns:
+        ``(loss, metrics)``: scalar loss (dtype at least float32) and detached scalars
+        ``{"tcr": tcr, "invariance": invariance}``.
+
+    Raises:
+        ValueError: if ``z`` is not ``[P, B, D]`` or ``eps <= 0``.
+    """
+    if z.ndim != 3:
+        raise ValueError(f"z must be [P, B, D], got shape {tuple(z.shape)}")
+    z = F.normalize(_at_least_fp32(z), dim=-1)
+
+    # Batched over the P patch groups: P independent [B, D] coding rates, then their mean.
+    tcr = total_coding_rate(z, eps).mean()
+
+    # [1, B, D]; kept attached like upstream (its gradient contribution is zero, see above).
+    z_mean = z.mean(dim=0, keepdim=True)
+    invariance = F.cosine_similarity(z, z_mean, dim=-1).mean()
+
+    loss = -tcr_weight * tcr - invariance_weight * invariance
+    return loss, {"tcr": tcr.detach(), "invariance": invariance.detach()}

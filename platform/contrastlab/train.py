@@ -1,0 +1,465 @@
+"""The training loop. It runs the same way locally, inside a Ray Train worker and as a Tune trial.
+
+Ray stays outside: the caller passes ``hooks``, called after every epoch with the metrics and
+the path of the checkpoint just written, which is where a Ray integration reports to Tune.
+
+A run directory holds::
+
+    config.yaml          the resolved config (every default filled in)
+    protocol.json        how the evaluation numbers were produced
+    metrics.jsonl        one JSON line per epoch (epoch 0 = before training, when measured)
+    checkpoints/epoch_NNNN.pt   model, optimizer, RNG states, history (weights_only-loadable)
+    summary.json         final metrics, written when training finishes
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from contrastlab import evaluate
+from contrastlab.augment import BatchAugment
+from contrastlab.config import Config, ConfigError, make_config
+from contrastlab.data import DatasetSplits, load_dataset
+from contrastlab.distributed import all_reduce_mean, rank
+from contrastlab.methods import Method, build_method
+from contrastlab.optim import build_optimizer, lr_at
+
+Hook = Callable[[int, dict[str, float], Path | None], None]
+"""``hook(epoch, metrics, checkpoint_path)``, called after each epoch on every worker."""
+
+
+class DivergenceError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict[str, float]]
+    final: dict[str, float]
+    method: Method = field(repr=False)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'"
+        )
+    return torch.device(name)
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    if deterministic:
+        # warn_only: a few CUDA kernels have no deterministic variant; CPU runs repeat exactly
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically: a crash or a full disk mid-write leaves the previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except Exception as e:  # disk full, permissions, unpicklable state: all fatal, all named
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write checkpoint {path}: {e}") from e
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary code from pickles)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # torch raises several types for a corrupt or foreign file
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a contrastlab checkpoint: {e}"
+        ) from e
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("epoch_*.pt"))
+    return ckpts[-1] if ckpts else None
+
+
+def _prune_checkpoints(run_dir: Path, keep: int) -> None:
+    for old in sorted((run_dir / "checkpoints").glob("epoch_*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def make_run_dir(cfg: Config) -> Path:
+    name = cfg.train.run_name or (
+        f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.method.name}-{cfg.data.dataset}"
+    )
+    return Path(cfg.train.output_dir) / name
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"cannot resume: {path} not found (is {run_dir} a run directory?)")
+    return make_config(yaml.safe_load(path.read_text()))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    """Builds everything a run needs from a :class:`Config` and trains it.
+
+    Args:
+        cfg: the run config.
+        run_dir: where outputs go (default: ``train.output_dir/train.run_name``).
+        hooks: called after each epoch (see :data:`Hook`).
+        data: pre-loaded dataset splits (default: loaded from ``cfg.data``).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str | Path | None = None,
+        hooks: Sequence[Hook] = (),
+        data: DatasetSplits | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir is not None else make_run_dir(cfg)
+        self.hooks = list(hooks)
+        self.device = resolve_device(cfg.train.device)
+        self.is_main = rank() == 0
+        t = cfg.train
+        _seed_everything(t.seed, t.deterministic)
+
+        data = data if data is not None else load_dataset(cfg.data)
+        self.data = data
+        store = self.device if cfg.data.on_device else torch.device("cpu")
+        self.train_set = data.train.to(store)
+        self.memory_set = data.labeled_train().to(store)
+        self.test_set = data.test.to(store)
+        n = len(self.train_set)
+        if t.batch_size > n:
+            raise ConfigError(
+                f"train.batch_size ({t.batch_size}) is larger than the training set "
+                f"({n} images of {cfg.data.dataset}); lower it"
+            )
+        self.steps_per_epoch = n // t.batch_size  # drop_last: every step has a full batch
+        self.total_steps = self.steps_per_epoch * t.epochs
+
+        self.augment = BatchAugment(
+            cfg.augment, cfg.data.image_size, data.train.mean, data.train.std
+        )
+        self.method = build_method(cfg, n).to(self.device)
+        self.channels_last = t.channels_last
+        if self.channels_last:
+            self.method.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if t.compile:
+            self._compile_backbone()
+        self.optimizer = build_optimizer(self.method, cfg.optim, self.device)
+        self.autocast_dtype = torch.bfloat16 if t.precision == "bf16" else None
+
+        # Separate generators: batch order (CPU) and augmentation (on the device), both
+        # checkpointed so a resumed run draws exactly what the uninterrupted run would have.
+        self.order_gen = torch.Generator().manual_seed(t.seed)
+        self.aug_gen = torch.Generator(device=self.device).manual_seed(t.seed + 1)
+        self.epoch = 0
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+
+    # ----------------------------------------------------------------- setup pieces
+
+    def _compile_backbone(self) -> None:
+        """torch.compile the backbone; fall back to eager (with a warning) if it fails."""
+        bb = self.method.backbone
+        try:
+            bb.compile(backend=self.cfg.train.compile_backend)
+            s = self.cfg.data.image_size
+            with torch.no_grad():  # compile happens lazily: force it now, on a tiny batch
+                bb.eval()
+                bb(torch.zeros(2, 3, s, s, device=self.device))
+                bb.train()
+            self.compiled = True
+        except Exception as e:  # any backend/compiler failure: training must go on
+            bb._compiled_call_impl = None  # back to eager
+            bb.train()
+            self.compiled = False
+            warnings.warn(f"torch.compile failed, continuing uncompiled: {e}", stacklevel=2)
+
+    def _views(self, images: torch.Tensor) -> torch.Tensor:
+        views = self.augment(images, self.method.n_views, self.aug_gen)  # [V, B, 3, S, S]
+        if self.channels_last:
+            V, B = views.shape[:2]
+            flat = views.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+            views = flat.view(V, B, *flat.shape[1:])
+        return views
+
+    # ----------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": "contrastlab-checkpoint-v1",
+            "config_yaml": self.cfg.to_yaml(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "order_gen": self.order_gen.get_state(),
+            "aug_gen": self.aug_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history_json": json.dumps(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
+        if state.get("format") != "contrastlab-checkpoint-v1":
+            raise CheckpointError(f"{source}: not a contrastlab checkpoint (no format tag)")
+        saved = make_config(yaml.safe_load(state["config_yaml"]))
+        if saved.to_dict() != self.cfg.to_dict():
+            diff = [k for k, v in self.cfg.flat().items() if saved.flat().get(k) != v]
+            raise CheckpointError(f"{source} was written by a different config; differs in {diff}")
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.order_gen.set_state(state["order_gen"].cpu())
+        self.aug_gen.set_state(state["aug_gen"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = json.loads(state["history_json"])
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint in the run directory; False if there is none."""
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return False
+        self.load_state_dict(load_checkpoint(ckpt, self.device), str(ckpt))
+        return True
+
+    # ----------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Evaluation features of uint8 images, per ``eval.feature``."""
+        ev = self.cfg.eval
+        if ev.feature == "patch_avg":
+            return evaluate.patch_averaged_features(
+                self.method.backbone,
+                images,
+                self.augment,
+                ev.num_patches,
+                ev.batch_size,
+                self.device,
+                seed=self.cfg.train.seed,
+                autocast_dtype=self.autocast_dtype,
+            )
+        return evaluate.extract_features(
+            self.method.backbone,
+            images,
+            self._eval_input,
+            ev.batch_size,
+            self.device,
+            autocast_dtype=self.autocast_dtype,
+        )
+
+    def _eval_input(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.augment.normalize(images)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def evaluate_knn(self) -> dict[str, float]:
+        mem, test = self.memory_set, self.test_set
+        f_mem, f_test = self.features(mem.images), self.features(test.images)
+        return evaluate.knn_accuracy(
+            f_mem,
+            mem.labels.to(self.device),
+            f_test,
+            test.labels.to(self.device),
+            self.data.train.num_classes,
+            self.cfg.eval,
+        )
+
+    def evaluate_probe(self) -> dict[str, float]:
+        mem, test = self.memory_set, self.test_set
+        return evaluate.linear_probe(
+            self.features(mem.images),
+            mem.labels.to(self.device),
+            self.features(test.images),
+            test.labels.to(self.device),
+            self.data.train.num_classes,
+            self.cfg.eval,
+            seed=self.cfg.train.seed,
+        )
+
+    # ----------------------------------------------------------------- the loop
+
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+        prot = {"knn": evaluate.protocol(self.cfg.eval, "knn")}
+        if self.cfg.eval.linear_probe:
+            prot["linear_probe"] = evaluate.protocol(self.cfg.eval, "probe")
+        (self.run_dir / "protocol.json").write_text(json.dumps(prot, indent=2))
+
+    def _log_epoch(self, metrics: dict[str, float]) -> None:
+        self.history.append(metrics)
+        if self.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    def train_epoch(self) -> dict[str, float]:
+        """One pass over the training set; returns the epoch's mean metrics."""
+        cfg, t = self.cfg, self.cfg.train
+        self.method.train()
+        n = len(self.train_set)
+        perm = torch.randperm(n, generator=self.order_gen)
+        sums: dict[str, torch.Tensor] = {}
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            desc=f"epoch {self.epoch + 1}/{t.epochs}",
+            disable=not (t.progress and self.is_main),
+            leave=False,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        start = time.perf_counter()
+        for i in range(self.steps_per_epoch):
+            idx = perm[i * t.batch_size : (i + 1) * t.batch_size]
+            images = self.train_set.images[idx.to(self.train_set.images.device)]
+            images = images.to(self.device, non_blocking=True)
+            labels = self.train_set.labels[idx.to(self.train_set.labels.device)].to(self.device)
+            lr = lr_at(self.step, self.total_steps, self.steps_per_epoch, cfg.optim)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            views = self._views(images)
+            with torch.autocast(
+                self.device.type,
+                dtype=self.autocast_dtype or torch.float32,
+                enabled=self.autocast_dtype is not None,
+            ):
+                loss, metrics = self.method.training_step(views, labels, idx.to(self.device))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.method.parameters(), t.grad_clip)
+            self.optimizer.step()
+            self.method.on_step_end()
+            self.step += 1
+            # metrics stay on the device; the host reads them once per log interval
+            for k, v in metrics.items():
+                sums[k] = sums[k] + v if k in sums else v.clone()
+            if (i + 1) % t.log_every == 0 or i + 1 == self.steps_per_epoch:
+                bar.set_postfix(loss=f"{(sums['loss'] / (i + 1)).item():.4f}", lr=f"{lr:.3g}")
+            bar.update(1)
+        bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        out = {k: all_reduce_mean(v / self.steps_per_epoch).item() for k, v in sums.items()}
+        if not math.isfinite(out["loss"]):
+            raise DivergenceError(
+                f"loss is {out['loss']} in epoch {self.epoch + 1} (method {cfg.method.name}); "
+                "try a higher temperature or a lower optim.lr"
+            )
+        views_per_epoch = self.steps_per_epoch * t.batch_size * self.method.n_views
+        out.update(lr=lr, epoch_time_s=elapsed, views_per_s=views_per_epoch / elapsed)
+        return out
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train for ``train.epochs`` epochs (continuing from a checkpoint if ``resume``)."""
+        cfg, t = self.cfg, self.cfg.train
+        resumed = self.resume() if resume else False
+        if self.is_main:
+            self._write_run_files()
+        if not resumed and self.is_main:
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if not resumed and cfg.eval.knn_every > 0 and cfg.eval.knn_at_init:
+            t0 = time.perf_counter()
+            init = {"epoch": 0, **self.evaluate_knn()}
+            init["eval_time_s"] = time.perf_counter() - t0
+            self._log_epoch(init)
+            self._say(f"epoch 0 (random init): knn_top1 {init['knn_top1']:.2f}%")
+        while self.epoch < t.epochs:
+            metrics: dict[str, float] = {"epoch": self.epoch + 1}
+            metrics.update(self.train_epoch())
+            self.epoch += 1
+            if cfg.eval.knn_every and (
+                self.epoch % cfg.eval.knn_every == 0 or self.epoch == t.epochs
+            ):
+                t0 = time.perf_counter()
+                metrics.update(self.evaluate_knn())
+                metrics["eval_time_s"] = time.perf_counter() - t0
+            if self.epoch == t.epochs and cfg.eval.linear_probe:
+                metrics.update(self.evaluate_probe())
+            self._log_epoch(metrics)
+            ckpt = None
+            if self.is_main and (self.epoch % t.checkpoint_every == 0 or self.epoch == t.epochs):
+                ckpt = self.run_dir / "checkpoints" / f"epoch_{self.epoch:04d}.pt"
+                save_checkpoint(ckpt, self.state_dict())
+                _prune_checkpoints(self.run_dir, t.keep_checkpoints)
+            self._say(_epoch_line(metrics, t.epochs))
+            for hook in self.hooks:
+                hook(self.epoch, metrics, ckpt)
+        final = dict(self.history[-1]) if self.history else {}
+        knn = [h["knn_top1"] for h in self.history if "knn_top1" in h and h["epoch"] > 0]
+        if knn:
+            final["best_knn_top1"] = max(knn)
+        if self.history and self.history[0]["epoch"] == 0:
+            final["init_knn_top1"] = self.history[0]["knn_top1"]
+        if self.is_main:
+            summary = {
+                "final": final,
+                "protocol": json.loads((self.run_dir / "protocol.json").read_text()),
+            }
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return TrainResult(self.run_dir, self.history, final, self.method)
+
+    def _say(self, text: str) -> None:
+        if self.is_main and self.cfg.train.progress:
+            tqdm.write(text, file=sys.stderr)
+
+
+def _epoch_line(m: dict[str, float], epochs: int) -> str:
+    parts = [f"epoch {int(m['epoch'])}/{epochs}", f"loss {m['loss']:.4f}"]
+    if "knn_top1" in m:
+        parts.append(f"knn_top1 {m['knn_top1']:.2f}%")
+    if "probe_top1" in m:
+        parts.append(f"probe_top1 {m['probe_top1']:.2f}%")
+    parts.append(f"{m['views_per_s']:.0f} views/s")
+    parts.append(f"{m['epoch_time_s']:.1f}s")
+    return " | ".join(parts)
+
+
+def train(
+    cfg: Config,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    hooks: Sequence[Hook] = (),
+    data: DatasetSplits | None = None,
+) -> TrainResult:
+    """Train ``cfg``; the single entry point used locally, by Ray Train workers and by Tune."""
+    return Trainer(cfg, run_dir, hooks, data).fit(resume=resume)

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny, fast configs on the built-in digits data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from contrastlab.config import make_config
+
+torch.set_num_threads(2)
+
+
+def tiny_config(name: str = "simclr", **sections):
+    """A config that trains in well under a second per epoch on 2 CPU cores."""
+    raw = {
+        "method": {"name": name},
+        "model": {"backbone": "convnet", "width": 8, "head_hidden_dim": 32, "proj_dim": 16},
+        "data": {"dataset": "digits", "image_size": 16, "max_train_samples": 256},
+        "train": {"epochs": 1, "batch_size": 64, "progress": False, "device": "cpu"},
+        "eval": {"knn_k": 20, "num_patches": 4},
+    }
+    if name == "moco":
+        raw["method"]["queue_size"] = 256
+    if name == "emp_ssl":
+        raw["method"]["num_patches"] = 4
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return make_config(raw)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config
