@@ -44,6 +44,54 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    import os
+
+    from contrastlab.spaces import load_space
+    from contrastlab.tune import run_sweep, smoke_space
+
+    space = load_space(args.space)  # validated before Ray or MLflow is touched
+    if args.smoke_test:
+        space = smoke_space(space)
+    changes = {
+        k: v
+        for k, v in (("trials", args.trials), ("concurrency", args.concurrency))
+        if v is not None
+    }
+    if changes:
+        space = space.with_overrides(**changes)
+    storage = args.storage_path or os.environ.get("CONTRASTLAB_STORAGE", "sweeps")
+    out = run_sweep(
+        space,
+        name=args.name,
+        storage_path=storage,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        resume=args.resume,
+        optuna_storage=args.optuna_storage,
+        runner=args.runner,
+        max_failures=args.max_failures,
+    )
+    print(
+        f"\nsweep {out.name}: {len(out.trials)} trials in {out.wall_s:.0f} s "
+        f"(MLflow parent run {out.parent_run_id})"
+    )
+    ranked = sorted(
+        (r for r in out.trials if r["metric"] is not None),
+        key=lambda r: r["metric"],
+        reverse=space.mode == "max",
+    )
+    print(f"{'trial':<12} {'status':<9} {'epochs':>6} {space.metric:>12}  params")
+    for r in ranked + [r for r in out.trials if r["metric"] is None]:
+        metric = "-" if r["metric"] is None else f"{r['metric']:.4g}"
+        params = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in (r["params"] or {}).items()
+        )
+        print(f"{r['trial_id']!s:<12} {r['status']:<9} {r['epochs']:>6} {metric:>12}  {params}")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     print(load_config(args.config, args.overrides).to_yaml(), end="")
     return 0
@@ -64,8 +112,42 @@ def main(argv: list[str] | None = None) -> int:
     p_cfg = sub.add_parser("config", help="print the resolved config")
     _add_config_args(p_cfg)
     p_cfg.set_defaults(func=_cmd_config)
+    p_sw = sub.add_parser("sweep", help="hyperparameter sweep on Ray Tune + Optuna, in MLflow")
+    p_sw.add_argument("--space", required=True, help="search space YAML (search_spaces/...)")
+    p_sw.add_argument("--name", help="sweep name (default: <space>-<time>); needed by --resume")
+    p_sw.add_argument("--resume", action="store_true", help="continue the sweep --name")
+    p_sw.add_argument("--trials", type=int, help="override the space's number of trials")
+    p_sw.add_argument("--concurrency", type=int, help="override max concurrent trials")
+    p_sw.add_argument(
+        "--storage-path",
+        help="trial/checkpoint storage (default "
+        "$CONTRASTLAB_STORAGE or ./sweeps; shared storage on a cluster)",
+    )
+    p_sw.add_argument(
+        "--tracking-uri",
+        help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)",
+    )
+    p_sw.add_argument("--experiment", help="MLflow experiment (default contrastlab-<space>)")
+    p_sw.add_argument("--optuna-storage", help="Optuna RDB URL to persist the study")
+    p_sw.add_argument(
+        "--runner",
+        choices=["auto", "direct", "trainer"],
+        default="auto",
+        help="train in the trial process (direct) or a Ray Train TorchTrainer",
+    )
+    p_sw.add_argument(
+        "--max-failures",
+        type=int,
+        default=0,
+        help="restarts of a failed trial from its last checkpoint",
+    )
+    p_sw.add_argument(
+        "--smoke-test", action="store_true", help="tiny CPU sweep on digits (what CI runs)"
+    )
+    p_sw.set_defaults(func=_cmd_sweep)
     args = parser.parse_args(argv)
     from contrastlab.data import DataError
+    from contrastlab.tracking import TrackingError
     from contrastlab.train import CheckpointError, DivergenceError
 
     try:
@@ -73,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:  # bad input: say what and where, no traceback
         print(f"contrastlab: error: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, DivergenceError) as e:
+    except (CheckpointError, DivergenceError, TrackingError) as e:
         print(f"contrastlab: error: {e}", file=sys.stderr)
         return 1
 

@@ -56,3 +56,35 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     y = x.detach().clone()
     dist.all_reduce(y)
     return y / dist.get_world_size()
+
+
+@torch.no_grad()
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy ``src``'s parameters and buffers to every worker (identical start everywhere)."""
+    if not is_distributed():
+        return
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t.data, src)
+
+
+def average_gradients(module: torch.nn.Module) -> None:
+    """Average gradients over workers in one flat all-reduce.
+
+    Together with :func:`gather_cat` (whose backward sums each worker's contribution to every
+    gathered row) this gives exactly the gradient of the global-batch loss: every worker
+    computes the loss over all gathered embeddings, so its local gradient is ``world_size``
+    times its share, and the mean over workers is the full gradient. Used instead of the DDP
+    wrapper because methods call ``training_step`` rather than ``forward``.
+    """
+    if not is_distributed():
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()

@@ -34,7 +34,13 @@ from contrastlab import evaluate
 from contrastlab.augment import BatchAugment
 from contrastlab.config import Config, ConfigError, make_config
 from contrastlab.data import DatasetSplits, load_dataset
-from contrastlab.distributed import all_reduce_mean, rank
+from contrastlab.distributed import (
+    all_reduce_mean,
+    average_gradients,
+    broadcast_module,
+    rank,
+    world_size,
+)
 from contrastlab.methods import Method, build_method
 from contrastlab.optim import build_optimizer, lr_at
 
@@ -156,7 +162,8 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else make_run_dir(cfg)
         self.hooks = list(hooks)
         self.device = resolve_device(cfg.train.device)
-        self.is_main = rank() == 0
+        self.rank, self.world = rank(), world_size()
+        self.is_main = self.rank == 0
         t = cfg.train
         _seed_everything(t.seed, t.deterministic)
 
@@ -172,6 +179,12 @@ class Trainer:
                 f"train.batch_size ({t.batch_size}) is larger than the training set "
                 f"({n} images of {cfg.data.dataset}); lower it"
             )
+        if t.batch_size % self.world:
+            raise ConfigError(
+                f"train.batch_size ({t.batch_size}) must be divisible by the number of "
+                f"workers ({self.world}): it is the global batch, split evenly"
+            )
+        self.local_batch = t.batch_size // self.world
         self.steps_per_epoch = n // t.batch_size  # drop_last: every step has a full batch
         self.total_steps = self.steps_per_epoch * t.epochs
 
@@ -179,6 +192,7 @@ class Trainer:
             cfg.augment, cfg.data.image_size, data.train.mean, data.train.std
         )
         self.method = build_method(cfg, n).to(self.device)
+        broadcast_module(self.method)  # every worker starts from rank 0's weights
         self.channels_last = t.channels_last
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -187,10 +201,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.method, cfg.optim, self.device)
         self.autocast_dtype = torch.bfloat16 if t.precision == "bf16" else None
 
-        # Separate generators: batch order (CPU) and augmentation (on the device), both
-        # checkpointed so a resumed run draws exactly what the uninterrupted run would have.
-        self.order_gen = torch.Generator().manual_seed(t.seed)
-        self.aug_gen = torch.Generator(device=self.device).manual_seed(t.seed + 1)
+        # Batch order (CPU) and augmentation (device) generators are re-seeded at the start of
+        # every epoch from (seed, epoch, rank), so a run resumed at an epoch boundary draws
+        # exactly what the uninterrupted run would have, on every worker.
+        self.order_gen = torch.Generator()
+        self.aug_gen = torch.Generator(device=self.device)
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -232,8 +247,6 @@ class Trainer:
             "step": self.step,
             "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "order_gen": self.order_gen.get_state(),
-            "aug_gen": self.aug_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "history_json": json.dumps(self.history),
         }
@@ -247,8 +260,6 @@ class Trainer:
             raise CheckpointError(f"{source} was written by a different config; differs in {diff}")
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.order_gen.set_state(state["order_gen"].cpu())
-        self.aug_gen.set_state(state["aug_gen"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = json.loads(state["history_json"])
@@ -336,7 +347,10 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.method.train()
         n = len(self.train_set)
+        self.order_gen.manual_seed(_stream_seed(t.seed, self.epoch, 0, 0))  # same on all ranks
+        self.aug_gen.manual_seed(_stream_seed(t.seed, self.epoch, 1, self.rank))
         perm = torch.randperm(n, generator=self.order_gen)
+        lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
         sums: dict[str, torch.Tensor] = {}
         bar = tqdm(
             total=self.steps_per_epoch,
@@ -348,7 +362,8 @@ class Trainer:
         )
         start = time.perf_counter()
         for i in range(self.steps_per_epoch):
-            idx = perm[i * t.batch_size : (i + 1) * t.batch_size]
+            # the global batch is shared out: this worker takes its contiguous slice
+            idx = perm[i * t.batch_size : (i + 1) * t.batch_size][lo:hi]
             images = self.train_set.images[idx.to(self.train_set.images.device)]
             images = images.to(self.device, non_blocking=True)
             labels = self.train_set.labels[idx.to(self.train_set.labels.device)].to(self.device)
@@ -364,6 +379,7 @@ class Trainer:
                 loss, metrics = self.method.training_step(views, labels, idx.to(self.device))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(self.method)
             if t.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.method.parameters(), t.grad_clip)
             self.optimizer.step()
@@ -397,7 +413,7 @@ class Trainer:
             self._write_run_files()
         if not resumed and self.is_main:
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        if not resumed and cfg.eval.knn_every > 0 and cfg.eval.knn_at_init:
+        if not resumed and cfg.eval.knn_every > 0 and cfg.eval.knn_at_init and self.is_main:
             t0 = time.perf_counter()
             init = {"epoch": 0, **self.evaluate_knn()}
             init["eval_time_s"] = time.perf_counter() - t0
@@ -407,13 +423,16 @@ class Trainer:
             metrics: dict[str, float] = {"epoch": self.epoch + 1}
             metrics.update(self.train_epoch())
             self.epoch += 1
-            if cfg.eval.knn_every and (
-                self.epoch % cfg.eval.knn_every == 0 or self.epoch == t.epochs
+            # evaluation runs on rank 0 only; it needs no collective, so the others go on
+            if (
+                self.is_main
+                and cfg.eval.knn_every
+                and (self.epoch % cfg.eval.knn_every == 0 or self.epoch == t.epochs)
             ):
                 t0 = time.perf_counter()
                 metrics.update(self.evaluate_knn())
                 metrics["eval_time_s"] = time.perf_counter() - t0
-            if self.epoch == t.epochs and cfg.eval.linear_probe:
+            if self.is_main and self.epoch == t.epochs and cfg.eval.linear_probe:
                 metrics.update(self.evaluate_probe())
             self._log_epoch(metrics)
             ckpt = None
@@ -441,6 +460,11 @@ class Trainer:
     def _say(self, text: str) -> None:
         if self.is_main and self.cfg.train.progress:
             tqdm.write(text, file=sys.stderr)
+
+
+def _stream_seed(seed: int, epoch: int, stream: int, worker: int) -> int:
+    """A distinct, reproducible seed per (run seed, epoch, random stream, worker)."""
+    return ((seed * 1_000_003 + epoch) * 1_000_003 + stream * 10_007 + worker) % (2**63)
 
 
 def _epoch_line(m: dict[str, float], epochs: int) -> str:

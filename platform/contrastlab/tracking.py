@@ -1,0 +1,256 @@
+"""MLflow: one parent run per sweep, one nested child run per trial, provenance on both.
+
+The driver owns the parent run and, after the sweep, settles every child's end state (a trial
+stopped by ASHA or killed with its worker never gets to close its own run). A trial owns its
+child run: params, per-epoch metrics, the resolved config and the final checkpoint. A restarted
+trial finds its existing child run by the ``contrastlab.trial_id`` tag instead of opening a
+second one.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TRIAL_TAG = "contrastlab.trial_id"
+SWEEP_TAG = "contrastlab.sweep"
+PARENT_TAG = "mlflow.parentRunId"
+PACKAGES = ("contrastlab", "torch", "torchvision", "ray", "optuna", "mlflow", "numpy", "pydantic")
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be used; the message says which URI and why."""
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<abs cwd>/mlflow.db``.
+
+    Relative sqlite paths are made absolute: inside a Ray job the working directory is a
+    temporary copy, and a relative store would vanish with it.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    elif "://" not in uri:  # a bare path: a local sqlite file
+        uri = "sqlite:///" + str(Path(uri).resolve())
+    return uri
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """For a local sqlite store, artifacts go to ``mlartifacts/`` beside the database.
+
+    Servers choose their own artifact store (``--artifacts-destination``); None then.
+    """
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    return None
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any trial runs, if the tracking store cannot be used."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+                if r.status != 200:
+                    raise TrackingError(f"MLflow server {uri} answered /health with {r.status}")
+        except (urllib.error.URLError, OSError) as e:
+            raise TrackingError(
+                f"MLflow server {uri} is unreachable ({e}); start it or set "
+                "MLFLOW_TRACKING_URI / --tracking-uri to a reachable store"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///") :]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingError(f"MLflow sqlite store {uri}: folder {folder} is not writable")
+
+
+@functools.cache
+def client(uri: str):
+    """One client per URI and process: a sqlite store checks its schema on every new client."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """Id of experiment ``name``, created (with the default artifact location) if missing."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=default_artifact_location(uri))
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def source_digest() -> str:
+    """sha256 over the package's Python sources: identifies the code even without git."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def git_state(cwd: Path | None = None) -> dict[str, str]:
+    """Commit and dirty diff of the checkout holding the package, when it is a git checkout."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        diff = subprocess.run(
+            ["git", "diff", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"git_sha": os.environ.get("CONTRASTLAB_GIT_SHA", "unknown"), "git_diff": ""}
+    return {"git_sha": sha, "git_diff": diff}
+
+
+def provenance() -> dict[str, Any]:
+    """Where and with what a run ran: code identity, package versions, hardware."""
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    git = git_state()
+    return {
+        "git_sha": git["git_sha"],
+        "git_dirty": bool(git["git_diff"]),
+        "git_diff": git["git_diff"],
+        "source_sha256": source_digest(),
+        "packages": versions,
+        "python": platform.python_version(),
+        "host": socket.gethostname(),
+        "gpu": gpu,
+        "cuda": torch.version.cuda or "none",
+    }
+
+
+def provenance_tags(prov: Mapping[str, Any]) -> dict[str, str]:
+    tags = {
+        "contrastlab.git_sha": prov["git_sha"],
+        "contrastlab.git_dirty": str(prov["git_dirty"]),
+        "contrastlab.source_sha256": prov["source_sha256"],
+        "contrastlab.gpu": prov["gpu"],
+        "contrastlab.host": prov["host"],
+    }
+    tags.update({f"version.{k}": v for k, v in prov["packages"].items()})
+    return tags
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [
+        Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v)) for k, v in params.items()
+    ]
+    c = client(uri)
+    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        c.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and k != "epoch"
+    ]
+    if batch:
+        client(uri).log_batch(run_id, metrics=batch)
+
+
+def find_child(uri: str, exp_id: str, parent_id: str, trial_id: str) -> str | None:
+    runs = client(uri).search_runs(
+        [exp_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def find_parent(uri: str, exp_id: str, sweep: str) -> str | None:
+    """The parent run of sweep ``sweep`` (tagged with its name, and no parent itself)."""
+    runs = client(uri).search_runs([exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}'")
+    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
+    return parents[0].info.run_id if parents else None
+
+
+def child_runs(uri: str, exp_id: str, parent_id: str) -> list[Any]:
+    return client(uri).search_runs(
+        [exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=10_000
+    )
+
+
+class TrialRun:
+    """The child run of one trial (created once, reopened when the trial restarts)."""
+
+    def __init__(
+        self,
+        uri: str,
+        exp_id: str,
+        parent_id: str,
+        trial_id: str,
+        trial_name: str,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        self.uri = uri
+        c = client(uri)
+        existing = find_child(uri, exp_id, parent_id, trial_id)
+        self.created = existing is None
+        if existing is None:
+            run = c.create_run(
+                exp_id,
+                run_name=trial_name,
+                tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id, **(tags or {})},
+            )
+            self.run_id = run.info.run_id
+            log_params(uri, self.run_id, params)
+        else:  # a restarted trial continues its own run
+            self.run_id = existing
+            c.update_run(self.run_id, status="RUNNING")
+
+    def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        log_metrics(self.uri, self.run_id, metrics, step=epoch)
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        client(self.uri).log_artifact(self.run_id, str(path), folder)
+
+    def log_text(self, text: str, name: str) -> None:
+        client(self.uri).log_text(self.run_id, text, name)
+
+    def end(self, status: str, reason: str | None = None) -> None:
+        c = client(self.uri)
+        if reason:
+            c.set_tag(self.run_id, "contrastlab.end_reason", reason[:5000])
+        c.set_terminated(self.run_id, status)

@@ -1,0 +1,500 @@
+"""The Ray boundary: a sweep is a Ray Tune run searched by Optuna, stopped early by ASHA.
+
+One trial = one training run of :func:`contrastlab.train.train`, either
+
+* directly in the trial's process (one worker: no worker group to start, which is the fixed
+  cost that dominates short trials), or
+* as a Ray Train ``TorchTrainer`` with ``resources.workers`` DDP workers. Ray 2.60 runs Train
+  V2, where ``Tuner(TorchTrainer(...))`` is gone: the trial is a function that builds and
+  ``fit()``s the trainer, whose ``TuneReportCallback`` forwards rank 0's reports to Tune.
+
+Each epoch reports metrics and a checkpoint; a restarted trial (worker crash with
+``FailureConfig``, or ``--resume`` after the driver died) continues from its last checkpoint.
+MLflow gets one parent run per sweep and one child run per trial (see :mod:`tracking`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from contrastlab import tracking
+from contrastlab.config import ConfigError, make_config
+from contrastlab.spaces import SearchSpace, load_space
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """Everything a trial needs to know about its sweep (sent to every trial process)."""
+
+    space: SearchSpace
+    name: str
+    storage_path: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    runner: str  # "direct" | "trainer"
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    path: str
+    parent_run_id: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    wall_s: float = 0.0
+
+
+# --------------------------------------------------------------------------- smoke test
+
+# Sizes that would not fit the tiny smoke setting are fixed, not searched.
+_SMOKE_FIXED = (
+    "train.",
+    "data.",
+    "model.",
+    "method.queue_size",
+    "method.num_patches",
+    "method.contrast_count",
+    "method.n_views",
+    "eval.",
+)
+_SMOKE_BASE: dict[str, Any] = {
+    "data": {"dataset": "digits", "root": None, "image_size": 16, "max_train_samples": 256},
+    "model": {"backbone": "convnet", "width": 8, "head_hidden_dim": 32, "proj_dim": 16},
+    "augment": {"recipe": "digits"},
+    "train": {"batch_size": 64, "device": "cpu", "precision": "fp32", "compile": False},
+    "eval": {"knn_k": 20, "knn_every": 1, "num_patches": 4},
+}
+_SMOKE_METHOD: dict[str, dict[str, Any]] = {
+    "moco": {"queue_size": 256},
+    "emp_ssl": {"num_patches": 4},
+    "supcon": {"contrast_count": 2},
+}
+
+
+def smoke_space(space: SearchSpace, trials: int = 3, epochs: int = 2) -> SearchSpace:
+    """The same sweep, shrunk to run on 2 CPU cores in about a minute (what CI runs).
+
+    Keeps the method and the searched hyperparameters that do not change sizes (temperature,
+    lr, weight decay, momentum, eps, ...), fixes the sizes small, and trains on digits.
+    """
+    drop = {p.path: None for p in space.params if p.path.startswith(_SMOKE_FIXED)}
+    base = {**_SMOKE_BASE, "method": _SMOKE_METHOD.get(space.method, {})}
+    smaller = space.with_overrides(param_overrides=drop) if drop else space
+    # conditional params whose parent was dropped would dangle: drop them as well
+    parents = {path for p in smaller.params for path in p.when}
+    dangling = {path: None for path in parents if path not in smaller.param_paths}
+    if dangling:
+        smaller = smaller.with_overrides(
+            param_overrides={p.path: None for p in smaller.params if set(p.when) & set(dangling)}
+        )
+    return smaller.with_overrides(
+        base_overrides=base,
+        trials=trials,
+        concurrency=2,
+        epochs=epochs,
+        scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        resources={"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
+    )
+
+
+# --------------------------------------------------------------------------- inside a trial
+
+
+def _trial_config(settings: SweepSettings, params: dict[str, Any], run_dir: Path):
+    cfg = settings.space.config_for(params)
+    raw = cfg.to_dict()
+    raw["train"].update(progress=False, output_dir=str(run_dir.parent), run_name=run_dir.name)
+    return make_config(raw)
+
+
+def _restore_checkpoint(ckpt: Any, run_dir: Path) -> bool:
+    """Copy a Ray checkpoint's epoch file into ``run_dir/checkpoints``; True if one existed."""
+    if ckpt is None:
+        return False
+    with ckpt.as_directory() as d:
+        files = sorted(Path(d).glob("epoch_*.pt"))
+        if not files:
+            return False
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(files[-1], run_dir / "checkpoints" / files[-1].name)
+    return True
+
+
+def _report_hook(
+    report_fn, checkpoint_cls, run: tracking.TrialRun | None, is_main: bool, epochs: int
+):
+    """Per-epoch hook: MLflow metrics (rank 0), then one Ray report with the checkpoint.
+
+    Tune stops a trial *at* its last report (ASHA's ``max_t``), so nothing after the final
+    report is guaranteed to run: the final checkpoint artifact and the FINISHED state are
+    written to MLflow before it.
+    """
+
+    def hook(epoch: int, metrics: dict[str, float], ckpt: Path | None) -> None:
+        if run is not None and is_main:
+            run.log_epoch(epoch, metrics)
+            if epoch == epochs:
+                if ckpt is not None:
+                    run.log_artifact(ckpt, "checkpoint")
+                run.end("FINISHED")
+        if ckpt is None:
+            report_fn(dict(metrics))
+            return
+        with tempfile.TemporaryDirectory() as d:
+            shutil.copy2(ckpt, Path(d) / ckpt.name)  # Ray persists (copies) the directory
+            report_fn(dict(metrics), checkpoint=checkpoint_cls.from_directory(d))
+
+    return hook
+
+
+def _open_run(settings: SweepSettings, trial_id: str, trial_name: str, cfg) -> tracking.TrialRun:
+    run = tracking.TrialRun(
+        settings.tracking_uri,
+        settings.experiment_id,
+        settings.parent_run_id,
+        trial_id,
+        trial_name,
+        cfg.flat(),
+        tags={tracking.SWEEP_TAG: settings.name, "contrastlab.method": cfg.method.name},
+    )
+    if run.created:
+        run.log_text(cfg.to_yaml(), "config.yaml")  # the resolved config, to reproduce from
+    return run
+
+
+def trial_direct(params: dict[str, Any], settings: SweepSettings) -> None:
+    """A Tune function trainable that trains in this process (one worker)."""
+    from ray import tune
+
+    from contrastlab.train import train
+
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    run_dir = Path(ctx.get_trial_dir()) / "run"
+    cfg = _trial_config(settings, params, run_dir)
+    resumed = _restore_checkpoint(tune.get_checkpoint(), run_dir)
+    run = _open_run(settings, trial_id, ctx.get_trial_name(), cfg)
+    try:
+        hook = _report_hook(tune.report, tune.Checkpoint, run, True, cfg.train.epochs)
+        train(cfg, run_dir=run_dir, resume=resumed, hooks=[hook])
+    except Exception as e:
+        run.end("FAILED", reason=f"{type(e).__name__}: {e}")
+        raise
+
+
+def _worker_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker: the same training function, with DDP set up by Ray."""
+    import ray.train
+
+    from contrastlab.distributed import rank
+    from contrastlab.train import train
+
+    settings: SweepSettings = loop_config["settings"]
+    ctx = ray.train.get_context()
+    run_dir = (
+        Path(tempfile.gettempdir())
+        / "contrastlab"
+        / loop_config["trial_id"]
+        / (f"rank{ctx.get_world_rank()}")
+    )
+    cfg = _trial_config(settings, loop_config["params"], run_dir)
+    resumed = _restore_checkpoint(ray.train.get_checkpoint(), run_dir)
+    is_main = rank() == 0
+    run = (
+        _open_run(settings, loop_config["trial_id"], loop_config["trial_name"], cfg)
+        if is_main
+        else None
+    )
+    try:
+        hook = _report_hook(ray.train.report, ray.train.Checkpoint, run, is_main, cfg.train.epochs)
+        # ranks > 0 write no checkpoint (Trainer) and report metrics only
+        train(cfg, run_dir=run_dir, resume=resumed, hooks=[hook])
+    except Exception as e:
+        if run is not None:
+            run.end("FAILED", reason=f"{type(e).__name__}: {e}")
+        raise
+
+
+def trial_with_trainer(params: dict[str, Any], settings: SweepSettings) -> None:
+    """A Tune function trainable that launches a Ray Train ``TorchTrainer`` (DDP workers)."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    ctx = tune.get_context()
+    res = settings.space.resources
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "settings": settings,
+            "params": params,
+            "trial_id": ctx.get_trial_id(),
+            "trial_name": ctx.get_trial_name(),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res.workers,
+            use_gpu=res.gpus_per_worker > 0,
+            resources_per_worker={"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}
+            if res.gpus_per_worker > 0
+            else {"CPU": res.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            # deterministic name: a restarted trial finds its own checkpoints
+            name=f"{settings.name}-train-{ctx.get_trial_id()}",
+            storage_path=settings.storage_path,
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    trainer.fit()
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def _experiment_dir(storage_path: str, name: str) -> str:
+    # plain string join: pathlib would turn s3://bucket/x into s3:/bucket/x
+    return f"{storage_path.rstrip('/')}/{name}"
+
+
+def _settle_mlflow(settings: SweepSettings, results) -> list[dict[str, Any]]:
+    """Give every child run its true end state; none may stay RUNNING."""
+    rows = []
+    epochs = settings.space.epochs
+    for r in results:
+        trial_id = (r.metrics or {}).get("trial_id")
+        iters = int((r.metrics or {}).get("training_iteration", 0))
+        if r.error is not None:
+            status, reason = "FAILED", f"{type(r.error).__name__}: {r.error}"
+        elif iters < epochs:
+            status, reason = "KILLED", f"stopped early by the scheduler after {iters} epochs"
+        else:
+            status, reason = "FINISHED", None
+        run_id = trial_id and tracking.find_child(
+            settings.tracking_uri, settings.experiment_id, settings.parent_run_id, trial_id
+        )
+        if run_id:
+            c = tracking.client(settings.tracking_uri)
+            info = c.get_run(run_id).info
+            if info.status == "RUNNING" or (status == "FAILED" and info.status != "FAILED"):
+                if reason:
+                    c.set_tag(run_id, "contrastlab.end_reason", reason[:5000])
+                c.set_terminated(run_id, status)
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "status": status,
+                "epochs": iters,
+                "run_id": run_id or None,
+                "metric": (r.metrics or {}).get(settings.space.metric),
+                "params": r.config,
+            }
+        )
+    # a trial that died before reporting anything: its run (if any) must not stay RUNNING
+    c = tracking.client(settings.tracking_uri)
+    for run in tracking.child_runs(
+        settings.tracking_uri, settings.experiment_id, settings.parent_run_id
+    ):
+        if run.info.status == "RUNNING":
+            c.set_tag(run.info.run_id, "contrastlab.end_reason", "trial ended without a report")
+            c.set_terminated(run.info.run_id, "KILLED")
+    return rows
+
+
+def run_sweep(
+    space: SearchSpace,
+    *,
+    name: str | None = None,
+    storage_path: str | Path = "sweeps",
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    resume: bool = False,
+    optuna_storage: str | None = None,
+    runner: str = "auto",
+    max_failures: int = 0,
+    ray_address: str | None = None,
+) -> SweepOutcome:
+    """Run (or, with ``resume``, continue) a sweep; returns per-trial outcomes.
+
+    Args:
+        space: a validated search space.
+        name: sweep name (Tune experiment name; default ``<space>-<timestamp>``).
+        storage_path: where Tune keeps trials and checkpoints (shared storage on a cluster).
+        tracking_uri: MLflow store (default: ``$MLFLOW_TRACKING_URI`` or ``./mlflow.db``).
+        experiment: MLflow experiment (default: ``contrastlab-<space name>``).
+        resume: continue the sweep ``name`` whose driver died; finished trials are kept.
+        optuna_storage: an Optuna RDB URL (``sqlite:///study.db``) to persist the study.
+        runner: ``direct`` (train in the trial process), ``trainer`` (Ray Train
+            TorchTrainer), or ``auto`` (direct for one worker, trainer for more).
+        max_failures: restarts of a failed trial from its last checkpoint.
+        ray_address: Ray cluster to join (default: ``$RAY_ADDRESS``, else a local Ray).
+    """
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    started = time.perf_counter()
+    storage_path = (
+        os.path.abspath(storage_path) if "://" not in str(storage_path) else str(storage_path)
+    )
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.check_reachable(uri)  # fail in seconds, before any trial is scheduled
+    if runner == "auto":
+        runner = "direct" if space.resources.workers == 1 else "trainer"
+    if runner not in ("direct", "trainer"):
+        raise ConfigError(f"runner: {runner!r}; allowed: auto, direct, trainer")
+    if runner == "direct" and space.resources.workers > 1:
+        raise ConfigError(
+            f"{space.path}: resources.workers={space.resources.workers} needs runner 'trainer'"
+        )
+
+    exp_id = tracking.experiment_id(uri, experiment or f"contrastlab-{space.name}")
+    if resume:
+        if name is None:
+            raise ConfigError("--resume needs the sweep --name to continue")
+        # the sweep's state lives in MLflow: its parent run, found by the sweep-name tag
+        parent_id = tracking.find_parent(uri, exp_id, name)
+        if parent_id is None:
+            raise ConfigError(
+                f"cannot resume sweep {name!r}: no parent run tagged with it in "
+                f"MLflow experiment {experiment or f'contrastlab-{space.name}'!r}"
+            )
+        tracking.client(uri).update_run(parent_id, status="RUNNING")
+    else:
+        name = name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if tracking.find_parent(uri, exp_id, name) is not None:
+            raise ConfigError(
+                f"sweep {name!r} already exists in MLflow; "
+                "pass --resume to continue it or choose another --name"
+            )
+        prov = tracking.provenance()
+        parent = tracking.client(uri).create_run(
+            exp_id,
+            run_name=name,
+            tags={
+                tracking.SWEEP_TAG: name,
+                "contrastlab.space": str(space.path),
+                "contrastlab.method": space.method,
+                "contrastlab.optuna_study": name,
+                "contrastlab.runner": runner,
+                "contrastlab.storage": _experiment_dir(storage_path, name),
+                **tracking.provenance_tags(prov),
+            },
+        )
+        parent_id = parent.info.run_id
+        _log_parent_files(uri, parent_id, space, prov)
+
+    settings = SweepSettings(space, name, storage_path, uri, exp_id, parent_id, runner)
+    fn = trial_direct if runner == "direct" else trial_with_trainer
+    res = space.resources
+    # The trial process itself: in 'direct' mode it trains, so it holds the worker's
+    # resources; in 'trainer' mode it only waits for the TorchTrainer (a small CPU share;
+    # zero is rejected by Ray).
+    trial_res = (
+        {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}
+        if runner == "direct"
+        else {"CPU": 0.01}
+    )
+    trainable = tune.with_resources(tune.with_parameters(fn, settings=settings), trial_res)
+
+    if not ray.is_initialized():
+        address = ray_address or os.environ.get("RAY_ADDRESS")
+        ray.init(
+            address=address, include_dashboard=None, log_to_driver=True, configure_logging=False
+        )
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=storage_path,
+        failure_config=tune.FailureConfig(max_failures=max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        verbose=1,
+    )
+    try:
+        exp_dir = _experiment_dir(storage_path, name)
+        if resume and tune.Tuner.can_restore(exp_dir):
+            tuner = tune.Tuner.restore(exp_dir, trainable, resume_errored=max_failures > 0)
+        else:
+            storage = None
+            if optuna_storage:
+                storage = optuna.storages.RDBStorage(optuna_storage)
+            search = OptunaSearch(
+                space=space.define_by_run,
+                metric=space.metric,
+                mode=space.mode,
+                sampler=optuna.samplers.TPESampler(seed=space.seed),
+                study_name=name,
+                storage=storage,
+            )
+            if space.scheduler.name == "asha":
+                scheduler = ASHAScheduler(
+                    metric=space.metric,
+                    mode=space.mode,
+                    time_attr="training_iteration",
+                    max_t=space.epochs,
+                    grace_period=space.scheduler.grace_period,
+                    reduction_factor=space.scheduler.reduction_factor,
+                )
+            else:
+                scheduler = FIFOScheduler()
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=search,
+                    scheduler=scheduler,
+                    num_samples=space.trials,
+                    max_concurrent_trials=space.concurrency,
+                ),
+                run_config=run_config,
+            )
+        results = tuner.fit()
+    except BaseException:
+        tracking.client(uri).set_terminated(parent_id, "FAILED")
+        raise
+    rows = _settle_mlflow(settings, results)
+    outcome = SweepOutcome(
+        name,
+        _experiment_dir(storage_path, name),
+        parent_id,
+        rows,
+        wall_s=time.perf_counter() - started,
+    )
+    done = [r for r in rows if r["metric"] is not None and r["status"] != "FAILED"]
+    if done:
+        pick = max if space.mode == "max" else min
+        outcome.best = pick(done, key=lambda r: r["metric"])
+        c = tracking.client(uri)
+        c.log_metric(parent_id, f"best_{space.metric}", float(outcome.best["metric"]))
+        c.set_tag(parent_id, "contrastlab.best_run_id", str(outcome.best["run_id"]))
+    failed = sum(r["status"] == "FAILED" for r in rows)
+    tracking.client(uri).set_tag(
+        parent_id, "contrastlab.trials", json.dumps({"total": len(rows), "failed": failed})
+    )
+    tracking.client(uri).set_terminated(parent_id, "FINISHED")
+    return outcome
+
+
+def _log_parent_files(uri: str, parent_id: str, space: SearchSpace, prov: dict) -> None:
+    c = tracking.client(uri)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "provenance.json").write_text(
+            json.dumps({k: v for k, v in prov.items() if k != "git_diff"}, indent=2)
+        )
+        c.log_artifact(parent_id, str(Path(d) / "provenance.json"))
+        if prov["git_diff"]:
+            (Path(d) / "git_diff.patch").write_text(prov["git_diff"])
+            c.log_artifact(parent_id, str(Path(d) / "git_diff.patch"))
+    c.log_artifact(parent_id, str(space.path), "space")
+
+
+__all__ = ["SweepOutcome", "SweepSettings", "load_space", "run_sweep"]

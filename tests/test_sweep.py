@@ -1,0 +1,77 @@
+"""Sweeps really run through Ray Tune + Optuna + ASHA and really land in MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from contrastlab import tracking
+from contrastlab.spaces import load_space
+from contrastlab.tune import run_sweep, smoke_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}},
+    )
+    yield
+    ray.shutdown()
+
+
+def _children(uri, outcome):
+    c = tracking.client(uri)
+    parent = c.get_run(outcome.parent_run_id)
+    return parent, tracking.child_runs(uri, parent.info.experiment_id, outcome.parent_run_id)
+
+
+@pytest.mark.slow
+def test_smoke_sweep_lands_in_mlflow(tmp_path, ray_local):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    space = smoke_space(load_space(ROOT / "search_spaces" / "simclr.yaml"))
+    out = run_sweep(space, name="smoke", storage_path=tmp_path / "sweeps", tracking_uri=uri)
+    parent, children = _children(uri, out)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["contrastlab.method"] == "simclr"
+    assert parent.data.tags["version.torch"]  # provenance
+    assert len(children) == space.trials == len(out.trials)
+    c = tracking.client(uri)
+    statuses = {r.info.status for r in children}
+    assert statuses <= {"FINISHED", "KILLED"}, statuses  # none left RUNNING
+    searched = [p.path for p in space.params]
+    for run in children:
+        assert run.data.params["method.name"] == "simclr"
+        for path in searched:  # every searched value is a param of its child run
+            assert path in run.data.params
+        hist = c.get_metric_history(run.info.run_id, "knn_top1")
+        n = len(hist)
+        assert [m.step for m in sorted(hist, key=lambda m: m.step)] == list(range(1, n + 1))
+        assert len(c.get_metric_history(run.info.run_id, "loss")) == n
+        assert len(c.get_metric_history(run.info.run_id, "views_per_s")) == n
+        if run.info.status == "FINISHED":
+            assert n == space.epochs
+            names = {a.path for a in c.list_artifacts(run.info.run_id)}
+            assert {"config.yaml", "checkpoint"} <= names
+            cfg_text = c.download_artifacts(run.info.run_id, "config.yaml")
+            assert "method:" in Path(cfg_text).read_text()
+        else:
+            assert n < space.epochs
+            assert "stopped early" in run.data.tags["contrastlab.end_reason"]
+    assert out.best is not None and out.best["status"] != "FAILED"
+    assert parent.data.metrics[f"best_{space.metric}"] == pytest.approx(out.best["metric"])
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path):
+    from contrastlab.tracking import TrackingError
+
+    space = smoke_space(load_space(ROOT / "search_spaces" / "simclr.yaml"))
+    with pytest.raises(TrackingError, match="127.0.0.1:9"):
+        run_sweep(space, name="x", storage_path=tmp_path, tracking_uri="http://127.0.0.1:9")
