@@ -75,3 +75,22 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
     space = smoke_space(load_space(ROOT / "search_spaces" / "simclr.yaml"))
     with pytest.raises(TrackingError, match="127.0.0.1:9"):
         run_sweep(space, name="x", storage_path=tmp_path, tracking_uri="http://127.0.0.1:9")
+
+
+@pytest.mark.slow
+def test_trainer_runner_ddp_trials_land_in_mlflow(tmp_path, ray_local):
+    """workers=2: each trial is a Ray Train TorchTrainer with two DDP workers (gloo on CPU)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    space = smoke_space(load_space(ROOT / "search_spaces" / "moco.yaml")).with_overrides(
+        trials=1, concurrency=1, resources={"workers": 2, "cpus_per_worker": 0.9}
+    )
+    out = run_sweep(space, name="ddp", storage_path=tmp_path / "sweeps", tracking_uri=uri)
+    assert [r["status"] for r in out.trials] == ["FINISHED"]
+    parent, children = _children(uri, out)
+    assert parent.data.tags["contrastlab.runner"] == "trainer"
+    (run,) = children
+    assert run.info.status == "FINISHED"
+    c = tracking.client(uri)
+    hist = c.get_metric_history(run.info.run_id, "knn_top1")  # rank 0's kNN, every epoch
+    assert sorted(m.step for m in hist) == list(range(1, space.epochs + 1))
+    assert "checkpoint" in {a.path for a in c.list_artifacts(run.info.run_id)}
