@@ -86,6 +86,16 @@ def test_recipe_follows_method_and_dataset():
     assert make_config({"method": {"name": "emp_ssl"}}).augment.recipe == "emp_ssl"
 
 
+def test_emp_ssl_gets_the_upstream_recipe_unless_set():
+    cfg = make_config({"method": {"name": "emp_ssl"}})
+    assert (cfg.model.proj_dim, cfg.optim.name, cfg.train.epochs) == (1024, "lars", 10)
+    mine = make_config(
+        {"method": {"name": "emp_ssl"}, "optim": {"name": "sgd"}, "model": {"proj_dim": 64}}
+    )
+    assert (mine.model.proj_dim, mine.optim.name) == (64, "sgd")
+    assert make_config({"method": {"name": "simclr"}}).optim.name == "sgd"
+
+
 def test_moco_v1_gets_linear_head_unless_set():
     assert make_config({"method": {"name": "moco", "variant": "v1"}}).model.head == "linear"
     assert make_config({"method": {"name": "moco"}}).model.head == "mlp"

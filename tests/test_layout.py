@@ -33,3 +33,4 @@ def test_every_method_has_its_file_and_tests():
     for name in METHODS:
         assert (ROOT / "platform" / "contrastlab" / "methods" / f"{name}.py").is_file(), name
         assert f'"{name}"' in tests_text, f"no test mentions method {name!r}"
+        assert (ROOT / "search_spaces" / f"{name}.yaml").is_file(), f"no search space: {name}"

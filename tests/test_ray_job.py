@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +43,9 @@ def ray_head(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
+    # its own temp dir: the 'current cluster' file goes there, not to /tmp/ray, so a later
+    # plain ray.init() never tries to join this head once it is gone (short path: sockets)
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     head = subprocess.Popen(
         [
             RAY,
@@ -51,6 +56,8 @@ def ray_head(tmp_path_factory):
             "2",
             "--port",
             str(gcs),
+            "--temp-dir",
+            temp_dir,
             "--dashboard-host",
             "127.0.0.1",
             "--dashboard-port",
@@ -75,13 +82,21 @@ def ray_head(tmp_path_factory):
     else:
         os.killpg(head.pid, signal.SIGKILL)
         pytest.fail("ray head did not come up in 120 s")
-    yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "env": env,
-           "token": token_file.read_text()}
-    os.killpg(head.pid, signal.SIGTERM)  # only the processes this fixture started
+    yield {
+        "address": address,
+        "gcs": f"127.0.0.1:{gcs}",
+        "env": env,
+        "token": token_file.read_text(),
+    }
+    # only the processes this fixture started (its own process group); `ray start --block`
+    # does not act on SIGTERM promptly, so give it 5 s and then kill the group
+    os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(30)
+        head.wait(5)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_jobs_api_refuses_requests_without_the_token(ray_head):

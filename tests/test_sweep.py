@@ -18,8 +18,12 @@ def ray_local():
     import ray
 
     ray.init(
+        address="local",  # a new local instance, never a cluster left by something else
         num_cpus=2,
-        include_dashboard=False,
+        # the dashboard hosts the State API, which Train V2 needs to release a finished
+        # trial's placement group (without it the next trainer trial waits forever)
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         configure_logging=False,
         runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}},
     )
@@ -37,7 +41,14 @@ def _children(uri, outcome):
 def test_smoke_sweep_lands_in_mlflow(tmp_path, ray_local):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     space = smoke_space(load_space(ROOT / "search_spaces" / "simclr.yaml"))
-    out = run_sweep(space, name="smoke", storage_path=tmp_path / "sweeps", tracking_uri=uri)
+    study_db = f"sqlite:///{tmp_path}/optuna.db"
+    out = run_sweep(
+        space,
+        name="smoke",
+        storage_path=tmp_path / "sweeps",
+        tracking_uri=uri,
+        optuna_storage=study_db,
+    )
     parent, children = _children(uri, out)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["contrastlab.method"] == "simclr"
@@ -66,6 +77,12 @@ def test_smoke_sweep_lands_in_mlflow(tmp_path, ray_local):
             assert n < space.epochs
             assert "stopped early" in run.data.tags["contrastlab.end_reason"]
     assert out.best is not None and out.best["status"] != "FAILED"
+    # the Optuna study persisted in its RDB storage, one trial per Tune trial
+    import optuna
+
+    study = optuna.load_study(study_name="smoke", storage=optuna.storages.RDBStorage(study_db))
+    assert len(study.trials) == space.trials
+    assert {p.path for p in space.params} == set(study.trials[0].params)
     assert parent.data.metrics[f"best_{space.metric}"] == pytest.approx(out.best["metric"])
 
 

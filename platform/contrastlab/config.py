@@ -192,8 +192,25 @@ AUGMENT_RECIPES: dict[str, dict[str, Any]] = {
     },
     # 8x8 digits: a 20% crop or a mirror image no longer shows the same digit (a mirrored 2 is
     # not a 2), so milder crops and no flip; blur of an upscaled 8x8 image removes the digit.
-    # The README ("Main job") compares it with the SimCLR recipe on digits.
+    # Same 100-epoch run: SimCLR's recipe 85.5% -> 88.4% kNN, this one 85.5% -> 93.8% (README).
     "digits": {"crop_scale": (0.3, 1.0), "flip_p": 0.0, "blur_p": 0.0},
+}
+
+
+# Defaults that follow from the method (the upstream recipe), filled in before validation and
+# saved concretely; any value set explicitly wins.
+METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    # EMP-SSL balances invariance_weight=200 against the coding rate of a 1024-d projection
+    # and trains with LARS. With a 128-d head and plain SGD the invariance term dominates and
+    # the embedding collapses (on digits: TCR 56 -> 13, kNN below the random encoder); with
+    # these it learns (README, "Methods"). It is a few-epoch method: 10 epochs by default.
+    "emp_ssl": {
+        "model": {"proj_dim": 1024},
+        "optim": {"name": "lars", "weight_decay": 1e-4},
+        "train": {"epochs": 10},
+        "eval": {"feature": "patch_avg"},
+    },
+    # MoCo v1: a linear 128-d projection (v2 adds the MLP head); see _resolve_defaults.
 }
 
 
@@ -253,7 +270,9 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16 autocast for the forward pass (CUDA or CPU)"
     )
-    channels_last: bool = Field(True, description="channels_last memory format (CUDA only)")
+    channels_last: bool = Field(
+        True, description="channels_last memory format for model and inputs"
+    )
     compile: bool = Field(False, description="torch.compile the backbone, fall back on failure")
     compile_backend: str = Field("inductor", description="torch.compile backend")
     grad_clip: float | None = Field(None, gt=0)
@@ -363,6 +382,10 @@ def _resolve_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     for section in _SECTIONS:
         if section in raw and not isinstance(raw[section], dict):
             raise ConfigError(f"'{section}' must be a mapping, got {raw[section]!r}")
+    for section, values in METHOD_DEFAULTS.get(name, {}).items():
+        target = raw.setdefault(section, {})
+        for key, value in values.items():
+            target.setdefault(key, value)
     model = raw.setdefault("model", {})
     if name == "moco" and method.get("variant", "v2") == "v1":
         model.setdefault("head", "linear")  # MoCo v1: linear 128-d projection
@@ -379,8 +402,6 @@ def _resolve_defaults(raw: dict[str, Any]) -> dict[str, Any]:
         )
     for key, value in AUGMENT_RECIPES[recipe].items():
         augment.setdefault(key, value)
-    if name == "emp_ssl":
-        raw.setdefault("eval", {}).setdefault("feature", "patch_avg")
     return raw
 
 

@@ -116,7 +116,12 @@ def _trial_config(settings: SweepSettings, params: dict[str, Any], run_dir: Path
 
 
 def _restore_checkpoint(ckpt: Any, run_dir: Path) -> bool:
-    """Copy a Ray checkpoint's epoch file into ``run_dir/checkpoints``; True if one existed."""
+    """Copy a Ray checkpoint's epoch file into ``run_dir/checkpoints``; True if one existed.
+
+    Local checkpoints from an earlier attempt are removed first: Ray's copy is the one the
+    trial's reported history matches.
+    """
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if ckpt is None:
         return False
     with ckpt.as_directory() as d:
@@ -170,24 +175,49 @@ def _open_run(settings: SweepSettings, trial_id: str, trial_name: str, cfg) -> t
     return run
 
 
+def _train_trial(
+    cfg,
+    run_dir: Path,
+    ckpt: Any,
+    settings: SweepSettings,
+    trial_id: str,
+    trial_name: str,
+    report_fn,
+    checkpoint_cls,
+    is_main: bool,
+) -> None:
+    """Restore, open the MLflow run (rank 0), train with the reporting hook, record failure."""
+    from contrastlab.train import train
+
+    resumed = _restore_checkpoint(ckpt, run_dir)
+    run = _open_run(settings, trial_id, trial_name, cfg) if is_main else None
+    hook = _report_hook(report_fn, checkpoint_cls, run, is_main, cfg.train.epochs)
+    try:
+        train(cfg, run_dir=run_dir, resume=resumed, hooks=[hook])
+    except Exception as e:
+        if run is not None:
+            run.end("FAILED", reason=f"{type(e).__name__}: {e}")
+        raise
+
+
 def trial_direct(params: dict[str, Any], settings: SweepSettings) -> None:
     """A Tune function trainable that trains in this process (one worker)."""
     from ray import tune
 
-    from contrastlab.train import train
-
     ctx = tune.get_context()
-    trial_id = ctx.get_trial_id()
     run_dir = Path(ctx.get_trial_dir()) / "run"
     cfg = _trial_config(settings, params, run_dir)
-    resumed = _restore_checkpoint(tune.get_checkpoint(), run_dir)
-    run = _open_run(settings, trial_id, ctx.get_trial_name(), cfg)
-    try:
-        hook = _report_hook(tune.report, tune.Checkpoint, run, True, cfg.train.epochs)
-        train(cfg, run_dir=run_dir, resume=resumed, hooks=[hook])
-    except Exception as e:
-        run.end("FAILED", reason=f"{type(e).__name__}: {e}")
-        raise
+    _train_trial(
+        cfg,
+        run_dir,
+        tune.get_checkpoint(),
+        settings,
+        ctx.get_trial_id(),
+        ctx.get_trial_name(),
+        tune.report,
+        tune.Checkpoint,
+        is_main=True,
+    )
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
@@ -195,32 +225,24 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from contrastlab.distributed import rank
-    from contrastlab.train import train
 
     settings: SweepSettings = loop_config["settings"]
-    ctx = ray.train.get_context()
-    run_dir = (
-        Path(tempfile.gettempdir())
-        / "contrastlab"
-        / loop_config["trial_id"]
-        / (f"rank{ctx.get_world_rank()}")
-    )
+    trial_id = loop_config["trial_id"]
+    rank_dir = f"rank{ray.train.get_context().get_world_rank()}"
+    run_dir = Path(tempfile.gettempdir()) / "contrastlab" / trial_id / rank_dir
     cfg = _trial_config(settings, loop_config["params"], run_dir)
-    resumed = _restore_checkpoint(ray.train.get_checkpoint(), run_dir)
-    is_main = rank() == 0
-    run = (
-        _open_run(settings, loop_config["trial_id"], loop_config["trial_name"], cfg)
-        if is_main
-        else None
+    # ranks > 0 write no checkpoint (Trainer) and report metrics only
+    _train_trial(
+        cfg,
+        run_dir,
+        ray.train.get_checkpoint(),
+        settings,
+        trial_id,
+        loop_config["trial_name"],
+        ray.train.report,
+        ray.train.Checkpoint,
+        is_main=rank() == 0,
     )
-    try:
-        hook = _report_hook(ray.train.report, ray.train.Checkpoint, run, is_main, cfg.train.epochs)
-        # ranks > 0 write no checkpoint (Trainer) and report metrics only
-        train(cfg, run_dir=run_dir, resume=resumed, hooks=[hook])
-    except Exception as e:
-        if run is not None:
-            run.end("FAILED", reason=f"{type(e).__name__}: {e}")
-        raise
 
 
 def trial_with_trainer(params: dict[str, Any], settings: SweepSettings) -> None:
@@ -411,7 +433,11 @@ def run_sweep(
     if not ray.is_initialized():
         address = ray_address or os.environ.get("RAY_ADDRESS")
         ray.init(
-            address=address, include_dashboard=None, log_to_driver=True, configure_logging=False
+            address=address,
+            include_dashboard=True,  # State API: Train V2 cleanup needs it
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+            configure_logging=False,
         )
     run_config = tune.RunConfig(
         name=name,

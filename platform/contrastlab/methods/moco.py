@@ -11,6 +11,8 @@ key batch at once, which MoCo's authors report lets the model cheat a little; se
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -29,6 +31,13 @@ class MoCo(Method):
         self.temperature, self.momentum, self.symmetric = m.temperature, m.momentum, m.symmetric
         self.n_views = 2
         self.key_encoder = MomentumEncoder(nn.Sequential(self.backbone, self.head))
+        if m.queue_size >= num_train:
+            warnings.warn(
+                f"method.queue_size ({m.queue_size}) >= the {num_train} training images: the "
+                "queue holds older keys of the very images used as queries, so some "
+                "'negatives' are positives; use a smaller queue for this dataset",
+                stacklevel=2,
+            )
         gen = torch.Generator().manual_seed(cfg.train.seed)
         self.queue = Queue(m.queue_size, self.proj_dim, generator=gen)
 
