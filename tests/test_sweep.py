@@ -111,3 +111,25 @@ def test_trainer_runner_ddp_trials_land_in_mlflow(tmp_path, ray_local):
     hist = c.get_metric_history(run.info.run_id, "knn_top1")  # rank 0's kNN, every epoch
     assert sorted(m.step for m in hist) == list(range(1, space.epochs + 1))
     assert "checkpoint" in {a.path for a in c.list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_is_failed_with_its_reason(tmp_path, ray_local):
+    """lr=1e30 makes the loss NaN in the first epoch: the trial fails, MLflow says why."""
+    import yaml
+
+    space = smoke_space(load_space(ROOT / "search_spaces" / "simclr.yaml"))
+    raw = space.to_dict()
+    raw["params"] = {"optim.lr": {"dist": "loguniform", "low": 1e29, "high": 1e30}}
+    raw["trials"] = 1
+    path = tmp_path / "diverging.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    diverging = load_space(path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = run_sweep(diverging, name="nan", storage_path=tmp_path / "sweeps", tracking_uri=uri)
+    assert [r["status"] for r in out.trials] == ["FAILED"]
+    parent, (child,) = _children(uri, out)
+    assert child.info.status == "FAILED"
+    assert "DivergenceError" in child.data.tags["contrastlab.end_reason"]
+    assert "loss is nan" in child.data.tags["contrastlab.end_reason"]
+    assert parent.info.status == "FINISHED" and out.best is None
