@@ -349,7 +349,8 @@ class Trainer:
         n = len(self.train_set)
         self.order_gen.manual_seed(_stream_seed(t.seed, self.epoch, 0, 0))  # same on all ranks
         self.aug_gen.manual_seed(_stream_seed(t.seed, self.epoch, 1, self.rank))
-        perm = torch.randperm(n, generator=self.order_gen)
+        # moved once per epoch to where the data lives: no per-step index copies
+        perm = torch.randperm(n, generator=self.order_gen).to(self.train_set.images.device)
         lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
         sums: dict[str, torch.Tensor] = {}
         bar = tqdm(
@@ -364,9 +365,9 @@ class Trainer:
         for i in range(self.steps_per_epoch):
             # the global batch is shared out: this worker takes its contiguous slice
             idx = perm[i * t.batch_size : (i + 1) * t.batch_size][lo:hi]
-            images = self.train_set.images[idx.to(self.train_set.images.device)]
-            images = images.to(self.device, non_blocking=True)
-            labels = self.train_set.labels[idx.to(self.train_set.labels.device)].to(self.device)
+            images = self.train_set.images[idx].to(self.device, non_blocking=True)
+            labels = self.train_set.labels[idx].to(self.device)
+            idx = idx.to(self.device)
             lr = lr_at(self.step, self.total_steps, self.steps_per_epoch, cfg.optim)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
@@ -376,7 +377,7 @@ class Trainer:
                 dtype=self.autocast_dtype or torch.float32,
                 enabled=self.autocast_dtype is not None,
             ):
-                loss, metrics = self.method.training_step(views, labels, idx.to(self.device))
+                loss, metrics = self.method.training_step(views, labels, idx)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             average_gradients(self.method)

@@ -289,43 +289,46 @@ def _experiment_dir(storage_path: str, name: str) -> str:
 
 
 def _settle_mlflow(settings: SweepSettings, results) -> list[dict[str, Any]]:
-    """Give every child run its true end state; none may stay RUNNING."""
+    """Give every child run its true end state; none may stay RUNNING.
+
+    One listing of the sweep's child runs (keyed by their trial-id tag) serves every trial.
+    """
+    uri, epochs = settings.tracking_uri, settings.space.epochs
+    c = tracking.client(uri)
+    runs = {
+        r.data.tags.get(tracking.TRIAL_TAG): r
+        for r in tracking.child_runs(uri, settings.experiment_id, settings.parent_run_id)
+    }
     rows = []
-    epochs = settings.space.epochs
     for r in results:
-        trial_id = (r.metrics or {}).get("trial_id")
-        iters = int((r.metrics or {}).get("training_iteration", 0))
+        metrics = r.metrics or {}
+        trial_id = metrics.get("trial_id")
+        iters = int(metrics.get("training_iteration", 0))
         if r.error is not None:
             status, reason = "FAILED", f"{type(r.error).__name__}: {r.error}"
         elif iters < epochs:
             status, reason = "KILLED", f"stopped early by the scheduler after {iters} epochs"
         else:
             status, reason = "FINISHED", None
-        run_id = trial_id and tracking.find_child(
-            settings.tracking_uri, settings.experiment_id, settings.parent_run_id, trial_id
-        )
-        if run_id:
-            c = tracking.client(settings.tracking_uri)
-            info = c.get_run(run_id).info
-            if info.status == "RUNNING" or (status == "FAILED" and info.status != "FAILED"):
-                if reason:
-                    c.set_tag(run_id, "contrastlab.end_reason", reason[:5000])
-                c.set_terminated(run_id, status)
+        run = runs.pop(trial_id, None)
+        if run is not None and (
+            run.info.status == "RUNNING" or (status == "FAILED" and run.info.status != "FAILED")
+        ):
+            if reason:
+                c.set_tag(run.info.run_id, "contrastlab.end_reason", reason[:5000])
+            c.set_terminated(run.info.run_id, status)
         rows.append(
             {
                 "trial_id": trial_id,
                 "status": status,
                 "epochs": iters,
-                "run_id": run_id or None,
-                "metric": (r.metrics or {}).get(settings.space.metric),
+                "run_id": run.info.run_id if run is not None else None,
+                "metric": metrics.get(settings.space.metric),
                 "params": r.config,
             }
         )
-    # a trial that died before reporting anything: its run (if any) must not stay RUNNING
-    c = tracking.client(settings.tracking_uri)
-    for run in tracking.child_runs(
-        settings.tracking_uri, settings.experiment_id, settings.parent_run_id
-    ):
+    # runs no result accounts for (a trial that died before reporting) must not stay RUNNING
+    for run in runs.values():
         if run.info.status == "RUNNING":
             c.set_tag(run.info.run_id, "contrastlab.end_reason", "trial ended without a report")
             c.set_terminated(run.info.run_id, "KILLED")
@@ -416,6 +419,7 @@ def run_sweep(
         )
         parent_id = parent.info.run_id
         _log_parent_files(uri, parent_id, space, prov)
+    exp_dir = _experiment_dir(storage_path, name)
 
     settings = SweepSettings(space, name, storage_path, uri, exp_id, parent_id, runner)
     fn = trial_direct if runner == "direct" else trial_with_trainer
@@ -447,7 +451,6 @@ def run_sweep(
         verbose=1,
     )
     try:
-        exp_dir = _experiment_dir(storage_path, name)
         if resume and tune.Tuner.can_restore(exp_dir):
             tuner = tune.Tuner.restore(exp_dir, trainable, resume_errored=max_failures > 0)
         else:
@@ -490,7 +493,7 @@ def run_sweep(
     rows = _settle_mlflow(settings, results)
     outcome = SweepOutcome(
         name,
-        _experiment_dir(storage_path, name),
+        exp_dir,
         parent_id,
         rows,
         wall_s=time.perf_counter() - started,
@@ -499,14 +502,13 @@ def run_sweep(
     if done:
         pick = max if space.mode == "max" else min
         outcome.best = pick(done, key=lambda r: r["metric"])
-        c = tracking.client(uri)
+    c = tracking.client(uri)
+    if outcome.best is not None:
         c.log_metric(parent_id, f"best_{space.metric}", float(outcome.best["metric"]))
         c.set_tag(parent_id, "contrastlab.best_run_id", str(outcome.best["run_id"]))
     failed = sum(r["status"] == "FAILED" for r in rows)
-    tracking.client(uri).set_tag(
-        parent_id, "contrastlab.trials", json.dumps({"total": len(rows), "failed": failed})
-    )
-    tracking.client(uri).set_terminated(parent_id, "FINISHED")
+    c.set_tag(parent_id, "contrastlab.trials", json.dumps({"total": len(rows), "failed": failed}))
+    c.set_terminated(parent_id, "FINISHED")
     return outcome
 
 
