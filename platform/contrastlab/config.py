@@ -41,6 +41,10 @@ class SimCLRConfig(_Strict):
     temperature: float = Field(0.5, gt=0, description="softmax temperature tau")
     n_views: int = Field(2, ge=2, description="augmented views per image")
 
+    @property
+    def views_per_sample(self) -> int:
+        return self.n_views
+
 
 class SupConConfig(_Strict):
     """Supervised contrastive loss (Khosla et al. 2020), ``contrast_count`` views per image.
@@ -56,6 +60,10 @@ class SupConConfig(_Strict):
         None, gt=0, description="if set, loss is scaled by temperature / base_temperature"
     )
 
+    @property
+    def views_per_sample(self) -> int:
+        return self.contrast_count
+
 
 class MoCoConfig(_Strict):
     """MoCo v1/v2: InfoNCE against a queue of K negatives from a momentum key encoder."""
@@ -67,6 +75,10 @@ class MoCoConfig(_Strict):
     momentum: float = Field(0.99, ge=0.0, le=1.0, description="key encoder EMA momentum m")
     symmetric: bool = Field(False, description="symmetrised loss over both view orders")
 
+    @property
+    def views_per_sample(self) -> int:
+        return 2
+
 
 class EMPSSLConfig(_Strict):
     """EMP-SSL (Tong et al. 2023): many fixed-scale patches, Total Coding Rate + invariance."""
@@ -76,6 +88,10 @@ class EMPSSLConfig(_Strict):
     eps: float = Field(0.2, gt=0, description="TCR distortion eps in logdet(I + d/(b*eps) ZZ^T)")
     invariance_weight: float = Field(200.0, ge=0, description="weight of the cosine term")
     tcr_weight: float = Field(1.0, ge=0, description="weight of the (negated) TCR term")
+
+    @property
+    def views_per_sample(self) -> int:
+        return self.num_patches
 
 
 MethodConfig = Annotated[
@@ -317,15 +333,9 @@ class Config(_Strict):
 
     @property
     def views_per_sample(self) -> int:
-        """How many augmented views the method draws per image each step."""
-        m = self.method
-        if isinstance(m, SimCLRConfig):
-            return m.n_views
-        if isinstance(m, SupConConfig):
-            return m.contrast_count
-        if isinstance(m, EMPSSLConfig):
-            return m.num_patches
-        return 2
+        """How many augmented views the method draws per image each step (each method config
+        class says, in its own ``views_per_sample``)."""
+        return self.method.views_per_sample
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-safe dict of every resolved value."""
