@@ -31,3 +31,22 @@ def tiny_config(name: str = "simclr", **sections):
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A fresh local Ray for one test module (2 CPUs, dashboard on localhost)."""
+    import ray
+
+    ray.init(
+        address="local",  # a new local instance, never a cluster left by something else
+        num_cpus=2,
+        # the dashboard hosts the State API, which Train V2 needs to release a finished
+        # trial's placement group (without it the next trainer trial waits forever)
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        configure_logging=False,
+        runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}},
+    )
+    yield
+    ray.shutdown()

@@ -67,6 +67,8 @@ def test_find_spaces_finds_the_shipped_files_and_skips_underscored(tmp_path):
     (tmp_path / "sub" / "b.yaml").write_text("{}")
     (tmp_path / "_draft.yaml").write_text("{}")
     (tmp_path / "notes.txt").write_text("")
+    (tmp_path / "ablations").mkdir()  # ablation specs: another format, loaded elsewhere
+    (tmp_path / "ablations" / "c.yaml").write_text("{}")
     assert [p.relative_to(tmp_path).as_posix() for p in find_spaces(tmp_path)] == [
         "a.yaml",
         "sub/b.yaml",

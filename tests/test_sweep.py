@@ -7,28 +7,11 @@ from pathlib import Path
 import pytest
 
 from contrastlab import tracking
+from contrastlab.reproduce import reproduce
 from contrastlab.spaces import load_space
 from contrastlab.tune import run_sweep, smoke_space
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(
-        address="local",  # a new local instance, never a cluster left by something else
-        num_cpus=2,
-        # the dashboard hosts the State API, which Train V2 needs to release a finished
-        # trial's placement group (without it the next trainer trial waits forever)
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        configure_logging=False,
-        runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}},
-    )
-    yield
-    ray.shutdown()
 
 
 def _children(uri, outcome):
@@ -63,8 +46,8 @@ def test_smoke_sweep_lands_in_mlflow(tmp_path, ray_local):
         for path in searched:  # every searched value is a param of its child run
             assert path in run.data.params
         hist = c.get_metric_history(run.info.run_id, "knn_top1")
-        n = len(hist)
-        assert [m.step for m in sorted(hist, key=lambda m: m.step)] == list(range(1, n + 1))
+        n = len(hist) - 1  # step 0 is the random-init baseline, then one step per epoch
+        assert [m.step for m in sorted(hist, key=lambda m: m.step)] == list(range(0, n + 1))
         assert len(c.get_metric_history(run.info.run_id, "loss")) == n
         assert len(c.get_metric_history(run.info.run_id, "views_per_s")) == n
         if run.info.status == "FINISHED":
@@ -109,8 +92,14 @@ def test_trainer_runner_ddp_trials_land_in_mlflow(tmp_path, ray_local):
     assert run.info.status == "FINISHED"
     c = tracking.client(uri)
     hist = c.get_metric_history(run.info.run_id, "knn_top1")  # rank 0's kNN, every epoch
-    assert sorted(m.step for m in hist) == list(range(1, space.epochs + 1))
+    # epoch 0 is the random-init baseline
+    assert sorted(m.step for m in hist) == list(range(0, space.epochs + 1))
     assert "checkpoint" in {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert run.data.tags["contrastlab.workers"] == "2"
+    # the DDP trial reproduces bit for bit in two local gloo processes, without Ray
+    rep = reproduce(run_id=run.info.run_id, tracking_uri=uri, output_dir=tmp_path / "repro")
+    assert rep.ok and rep.exact, rep.text
+    assert {r["epoch"] for r in rep.rows if r["metric"] == "knn_top1"} == {0, 1, 2}
 
 
 @pytest.mark.slow

@@ -3,6 +3,10 @@
 contrastlab train [CONFIG.yaml] [--set key=value ...]   train locally (no Ray)
 contrastlab train --resume RUN_DIR                      continue an interrupted run
 contrastlab config [CONFIG.yaml] [--set key=value ...]  print the resolved config
+contrastlab sweep --space SPACE.yaml [--smoke-test]     Ray Tune + Optuna sweep, in MLflow
+contrastlab ablate --spec SPEC.yaml [--smoke-test]      grid of cells x seeds, tables + plots
+contrastlab report SWEEP                                leaderboard, Optuna plots, summary
+contrastlab reproduce --run-id ID | --best-of EXP       re-run a tracked trial locally
 """
 
 from __future__ import annotations
@@ -92,6 +96,96 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    import os
+
+    from contrastlab.ablate import format_summary, load_ablation, run_ablation, smoke_ablation
+
+    spec = load_ablation(args.spec)  # validated (every cell's config built) before Ray
+    if args.smoke_test:
+        spec = smoke_ablation(spec)
+    print(
+        f"ablation {spec.name}: {len(spec.cells)} cells x {len(spec.seeds)} seeds = "
+        f"{spec.n_runs} runs of {spec.epochs} epochs",
+        flush=True,
+    )
+    storage = args.storage_path or os.environ.get("CONTRASTLAB_STORAGE", "sweeps")
+    out = run_ablation(
+        spec,
+        name=args.name,
+        storage_path=storage,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        resume=args.resume,
+        runner=args.runner,
+        max_failures=args.max_failures,
+        out_dir=args.out,
+    )
+    value = f"final_{spec.metric}"
+    print(
+        f"\nablation {out.name}: {len(out.table)} runs in {out.wall_s:.0f} s "
+        f"(MLflow parent run {out.parent_run_id})"
+    )
+    print(format_summary(out.summary, spec.factor_paths, value))
+    for kind, path in out.files.items():
+        print(f"  {kind:<11} {path}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from contrastlab.report import sweep_report
+
+    rep = sweep_report(
+        args.sweep, tracking_uri=args.tracking_uri, experiment=args.experiment, out_dir=args.out
+    )
+    print(rep.text)
+    for kind, path in rep.files.items():
+        print(f"  {kind:<13} {path}")
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from contrastlab.reproduce import reproduce
+
+    rep = reproduce(
+        run_id=args.run_id,
+        best_of=args.best_of,
+        tracking_uri=args.tracking_uri,
+        workers=args.workers,
+        output_dir=args.output_dir,
+        epochs=args.epochs,
+        log_to_mlflow=not args.no_log,
+    )
+    print(rep.text)
+    return 0 if rep.ok else 3
+
+
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``sweep`` and ``ablate``: storage, MLflow, runner, restarts."""
+    p.add_argument(
+        "--storage-path",
+        help="trial/checkpoint storage (default $CONTRASTLAB_STORAGE or ./sweeps; shared "
+        "storage on a cluster)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)",
+    )
+    p.add_argument("--experiment", help="MLflow experiment (default contrastlab-<file name>)")
+    p.add_argument(
+        "--runner",
+        choices=["auto", "direct", "trainer"],
+        default="auto",
+        help="train in the trial process (direct) or a Ray Train TorchTrainer",
+    )
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=0,
+        help="restarts of a failed trial from its last checkpoint",
+    )
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     print(load_config(args.config, args.overrides).to_yaml(), end="")
     return 0
@@ -118,33 +212,42 @@ def main(argv: list[str] | None = None) -> int:
     p_sw.add_argument("--resume", action="store_true", help="continue the sweep --name")
     p_sw.add_argument("--trials", type=int, help="override the space's number of trials")
     p_sw.add_argument("--concurrency", type=int, help="override max concurrent trials")
-    p_sw.add_argument(
-        "--storage-path",
-        help="trial/checkpoint storage (default "
-        "$CONTRASTLAB_STORAGE or ./sweeps; shared storage on a cluster)",
-    )
-    p_sw.add_argument(
-        "--tracking-uri",
-        help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)",
-    )
-    p_sw.add_argument("--experiment", help="MLflow experiment (default contrastlab-<space>)")
+    _add_ray_args(p_sw)
     p_sw.add_argument("--optuna-storage", help="Optuna RDB URL to persist the study")
-    p_sw.add_argument(
-        "--runner",
-        choices=["auto", "direct", "trainer"],
-        default="auto",
-        help="train in the trial process (direct) or a Ray Train TorchTrainer",
-    )
-    p_sw.add_argument(
-        "--max-failures",
-        type=int,
-        default=0,
-        help="restarts of a failed trial from its last checkpoint",
-    )
     p_sw.add_argument(
         "--smoke-test", action="store_true", help="tiny CPU sweep on digits (what CI runs)"
     )
     p_sw.set_defaults(func=_cmd_sweep)
+    p_ab = sub.add_parser("ablate", help="ablation grid (cells x seeds) with tables and plots")
+    p_ab.add_argument("--spec", required=True, help="ablation YAML (search_spaces/ablations/)")
+    p_ab.add_argument("--name", help="ablation name (default: <spec>-<time>); for --resume")
+    p_ab.add_argument("--resume", action="store_true", help="continue the ablation --name")
+    p_ab.add_argument(
+        "--out", help="folder for tables and plots (default: <storage>/<name>/analysis)"
+    )
+    _add_ray_args(p_ab)
+    p_ab.add_argument(
+        "--smoke-test", action="store_true", help="tiny CPU ablation on digits (what CI runs)"
+    )
+    p_ab.set_defaults(func=_cmd_ablate)
+    p_rep = sub.add_parser("report", help="report of a finished sweep from MLflow")
+    p_rep.add_argument("sweep", help="sweep name (its MLflow parent run's contrastlab.sweep tag)")
+    p_rep.add_argument("--experiment", help="MLflow experiment (default: search all)")
+    p_rep.add_argument("--tracking-uri", help="MLflow URI (default as for sweep)")
+    p_rep.add_argument("--out", help="output folder (default: reports/<sweep>)")
+    p_rep.set_defaults(func=_cmd_report)
+    p_pr = sub.add_parser("reproduce", help="re-run a tracked trial locally and compare")
+    which = p_pr.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-id", help="MLflow run id of the trial")
+    which.add_argument("--best-of", metavar="EXPERIMENT", help="best finished trial of EXPERIMENT")
+    p_pr.add_argument("--tracking-uri", help="MLflow URI (default as for sweep)")
+    p_pr.add_argument(
+        "--workers", type=int, help="local DDP processes (GPUs if any); default: the trial's"
+    )
+    p_pr.add_argument("--output-dir", default="runs/reproduce", help="parent of the run folder")
+    p_pr.add_argument("--epochs", type=int, help="compare only the first N epochs (quick check)")
+    p_pr.add_argument("--no-log", action="store_true", help="do not log the reproduction to MLflow")
+    p_pr.set_defaults(func=_cmd_reproduce)
     args = parser.parse_args(argv)
     from contrastlab.data import DataError
     from contrastlab.tracking import TrackingError

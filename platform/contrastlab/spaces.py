@@ -60,6 +60,8 @@ REPORTED_METRICS = (
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "categorical")
 SCHEDULERS = ("asha", "fifo")
 MODES = ("max", "min")
+ABLATIONS_DIR = "ablations"
+"""Folder of ablation specs inside a search-space folder (skipped by :func:`find_spaces`)."""
 MAX_COMBINATIONS = 256
 """Up to this many combinations of categorical choices are each built and validated on load."""
 
@@ -480,7 +482,8 @@ def find_spaces(root: str | Path) -> list[Path]:
     """Every ``*.yaml``/``*.yml`` file under ``root``, recursively, sorted.
 
     Files or folders (below ``root``) whose name starts with ``_`` (drafts, shared snippets) or
-    ``.`` (hidden) are skipped.
+    ``.`` (hidden) are skipped, and so is the ``ablations/`` folder directly below ``root``: it
+    holds ablation specs (:mod:`contrastlab.ablate`), a different format.
 
     Raises:
         SpaceError: ``root`` does not exist.
@@ -493,7 +496,7 @@ def find_spaces(root: str | Path) -> list[Path]:
     out = []
     for p in root.rglob("*"):
         rel = p.relative_to(root).parts
-        if any(part.startswith(("_", ".")) for part in rel):
+        if any(part.startswith(("_", ".")) for part in rel) or rel[0] == ABLATIONS_DIR:
             continue
         if p.is_file() and p.suffix in (".yaml", ".yml"):
             out.append(p)
@@ -506,39 +509,11 @@ def find_spaces(root: str | Path) -> list[Path]:
 def _validate(data: Any, path: Path) -> SearchSpace:
     """Check every part of a space; raise one :class:`SpaceError` listing the problems."""
     where = str(path)
-    if data is None:
-        raise SpaceError(f"{where}: the file is empty; required keys: {', '.join(_REQUIRED)}")
-    if not isinstance(data, Mapping):
-        raise SpaceError(
-            f"{where}: top level must be a mapping with the required keys {', '.join(_REQUIRED)}, "
-            f"got {type(data).__name__}"
-        )
+    _check_top_keys(data, where, _TOP_KEYS, _REQUIRED)
     errs: list[str] = []
-    for key in data:
-        if key not in _TOP_KEYS:
-            errs.append(_unknown(str(key), str(key), _TOP_KEYS))
-    for key in _REQUIRED:
-        if key not in data:
-            errs.append(f"{key}: required key is missing; required: {', '.join(_REQUIRED)}")
-    _raise(where, errs)
 
     # ---- scalars and small sections
-    method = data["method"]
-    if not isinstance(method, str) or method not in METHOD_CONFIGS:
-        errs.append(
-            f"method: unknown method {method!r}{_hint(method, METHOD_CONFIGS)}; "
-            f"allowed: {', '.join(METHOD_CONFIGS)}"
-        )
-        method = None
-    metric = data["metric"]
-    if not isinstance(metric, str) or metric not in REPORTED_METRICS:
-        errs.append(
-            f"metric: {metric!r} is not a metric the trainer reports"
-            f"{_hint(metric, REPORTED_METRICS)}; allowed: {', '.join(REPORTED_METRICS)}"
-        )
-    mode = data["mode"]
-    if not isinstance(mode, str) or mode not in MODES:
-        errs.append(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
+    method, metric, mode = _parse_method_metric_mode(data, errs)
     trials = _int_at_least(data["trials"], 1, "trials", errs)
     concurrency = _int_at_least(data.get("concurrency", 1), 1, "concurrency", errs)
     seed = data.get("seed", 0)
@@ -621,6 +596,47 @@ def _validate(data: Any, path: Path) -> SearchSpace:
     )
     _check_values(space, required, base_flat)
     return space
+
+
+def _check_top_keys(
+    data: Any, where: str, top_keys: tuple[str, ...], required: tuple[str, ...]
+) -> None:
+    """A mapping with only known top-level keys and every required one (else SpaceError)."""
+    if data is None:
+        raise SpaceError(f"{where}: the file is empty; required keys: {', '.join(required)}")
+    if not isinstance(data, Mapping):
+        raise SpaceError(
+            f"{where}: top level must be a mapping with the required keys {', '.join(required)}, "
+            f"got {type(data).__name__}"
+        )
+    errs = [_unknown(str(key), str(key), top_keys) for key in data if key not in top_keys]
+    errs += [
+        f"{key}: required key is missing; required: {', '.join(required)}"
+        for key in required
+        if key not in data
+    ]
+    _raise(where, errs)
+
+
+def _parse_method_metric_mode(data: Mapping[str, Any], errs: list[str]) -> tuple[Any, Any, Any]:
+    """``method`` (None when unknown), ``metric`` and ``mode``, problems appended to ``errs``."""
+    method = data["method"]
+    if not isinstance(method, str) or method not in METHOD_CONFIGS:
+        errs.append(
+            f"method: unknown method {method!r}{_hint(method, METHOD_CONFIGS)}; "
+            f"allowed: {', '.join(METHOD_CONFIGS)}"
+        )
+        method = None
+    metric = data["metric"]
+    if not isinstance(metric, str) or metric not in REPORTED_METRICS:
+        errs.append(
+            f"metric: {metric!r} is not a metric the trainer reports"
+            f"{_hint(metric, REPORTED_METRICS)}; allowed: {', '.join(REPORTED_METRICS)}"
+        )
+    mode = data["mode"]
+    if not isinstance(mode, str) or mode not in MODES:
+        errs.append(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
+    return method, metric, mode
 
 
 def _check_values(space: SearchSpace, required: dict[str, dict[str, Any]], base_flat: dict) -> None:

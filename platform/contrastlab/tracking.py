@@ -28,6 +28,7 @@ import torch
 
 TRIAL_TAG = "contrastlab.trial_id"
 SWEEP_TAG = "contrastlab.sweep"
+KIND_TAG = "contrastlab.kind"  # "sweep" | "ablation" | "reproduction"
 PARENT_TAG = "mlflow.parentRunId"
 PACKAGES = ("contrastlab", "torch", "torchvision", "ray", "optuna", "mlflow", "numpy", "pydantic")
 
@@ -83,6 +84,8 @@ def client(uri: str):
     """One client per URI and process: a sqlite store checks its schema on every new client."""
     from mlflow.tracking import MlflowClient
 
+    # no per-download progress bars in reports and reproductions
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return MlflowClient(tracking_uri=uri)
 
 
@@ -175,6 +178,18 @@ def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
     c = client(uri)
     for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
         c.log_batch(run_id, params=items[i : i + 100])
+
+
+def param_value(text: str | None) -> Any:
+    """A param as logged (MLflow keeps params as text) back to its value: '64' -> 64."""
+    if text is None:
+        return None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:

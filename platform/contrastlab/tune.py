@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from contrastlab import tracking
 from contrastlab.config import ConfigError, make_config
 from contrastlab.spaces import SearchSpace, load_space
@@ -33,7 +35,7 @@ from contrastlab.spaces import SearchSpace, load_space
 class SweepSettings:
     """Everything a trial needs to know about its sweep (sent to every trial process)."""
 
-    space: SearchSpace
+    space: Any  # SearchSpace | AblationSpec
     name: str
     storage_path: str
     tracking_uri: str
@@ -133,10 +135,30 @@ def _restore_checkpoint(ckpt: Any, run_dir: Path) -> bool:
     return True
 
 
+def _init_metrics(run_dir: Path) -> dict[str, float] | None:
+    """The random-init evaluation (epoch 0) the trainer wrote to ``metrics.jsonl``, if any."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("epoch") == 0:
+            return row
+    return None
+
+
 def _report_hook(
-    report_fn, checkpoint_cls, run: tracking.TrialRun | None, is_main: bool, epochs: int
+    report_fn,
+    checkpoint_cls,
+    run: tracking.TrialRun | None,
+    is_main: bool,
+    epochs: int,
+    run_dir: Path | None = None,
 ):
     """Per-epoch hook: MLflow metrics (rank 0), then one Ray report with the checkpoint.
+
+    The random-init evaluation (epoch 0) goes to MLflow as step 0 with epoch 1's metrics; it is
+    not reported to Tune, whose iterations must count training epochs (ASHA's rungs).
 
     Tune stops a trial *at* its last report (ASHA's ``max_t``), so nothing after the final
     report is guaranteed to run: the final checkpoint artifact and the FINISHED state are
@@ -145,6 +167,9 @@ def _report_hook(
 
     def hook(epoch: int, metrics: dict[str, float], ckpt: Path | None) -> None:
         if run is not None and is_main:
+            init = _init_metrics(run_dir) if epoch == 1 and run_dir is not None else None
+            if init is not None:
+                run.log_epoch(0, init)
             run.log_epoch(epoch, metrics)
             if epoch == epochs:
                 if ckpt is not None:
@@ -160,6 +185,12 @@ def _report_hook(
     return hook
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _open_run(settings: SweepSettings, trial_id: str, trial_name: str, cfg) -> tracking.TrialRun:
     run = tracking.TrialRun(
         settings.tracking_uri,
@@ -168,7 +199,13 @@ def _open_run(settings: SweepSettings, trial_id: str, trial_name: str, cfg) -> t
         trial_id,
         trial_name,
         cfg.flat(),
-        tags={tracking.SWEEP_TAG: settings.name, "contrastlab.method": cfg.method.name},
+        tags={
+            tracking.SWEEP_TAG: settings.name,
+            "contrastlab.method": cfg.method.name,
+            # float reduction order depends on it: `contrastlab reproduce` uses it again
+            "contrastlab.torch_threads": str(torch_threads()),
+            "contrastlab.workers": str(settings.space.resources.workers),
+        },
     )
     if run.created:
         run.log_text(cfg.to_yaml(), "config.yaml")  # the resolved config, to reproduce from
@@ -191,7 +228,7 @@ def _train_trial(
 
     resumed = _restore_checkpoint(ckpt, run_dir)
     run = _open_run(settings, trial_id, trial_name, cfg) if is_main else None
-    hook = _report_hook(report_fn, checkpoint_cls, run, is_main, cfg.train.epochs)
+    hook = _report_hook(report_fn, checkpoint_cls, run, is_main, cfg.train.epochs, run_dir)
     try:
         train(cfg, run_dir=run_dir, resume=resumed, hooks=[hook])
     except Exception as e:
@@ -335,6 +372,162 @@ def _settle_mlflow(settings: SweepSettings, results) -> list[dict[str, Any]]:
     return rows
 
 
+def open_sweep(
+    space: Any,
+    *,
+    kind: str,
+    name: str | None,
+    storage_path: str | Path,
+    tracking_uri: str | None,
+    experiment: str | None,
+    resume: bool,
+    runner: str,
+) -> SweepSettings:
+    """Everything before Ray: check the store, pick the runner, create or find the parent run.
+
+    ``space`` is a :class:`~contrastlab.spaces.SearchSpace` or an
+    :class:`~contrastlab.ablate.AblationSpec` (anything with ``name``, ``path``, ``method``,
+    ``metric``, ``mode``, ``epochs``, ``resources`` and ``config_for``).
+    """
+    storage_path = (
+        os.path.abspath(storage_path) if "://" not in str(storage_path) else str(storage_path)
+    )
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.check_reachable(uri)  # fail in seconds, before any trial is scheduled
+    if runner == "auto":
+        runner = "direct" if space.resources.workers == 1 else "trainer"
+    if runner not in ("direct", "trainer"):
+        raise ConfigError(f"runner: {runner!r}; allowed: auto, direct, trainer")
+    if runner == "direct" and space.resources.workers > 1:
+        raise ConfigError(
+            f"{space.path}: resources.workers={space.resources.workers} needs runner 'trainer'"
+        )
+    experiment = experiment or f"contrastlab-{space.name}"
+    exp_id = tracking.experiment_id(uri, experiment)
+    if resume:
+        if name is None:
+            raise ConfigError(f"--resume needs the {kind} --name to continue")
+        # the sweep's state lives in MLflow: its parent run, found by the sweep-name tag
+        parent_id = tracking.find_parent(uri, exp_id, name)
+        if parent_id is None:
+            raise ConfigError(
+                f"cannot resume {kind} {name!r}: no parent run tagged with it in "
+                f"MLflow experiment {experiment!r}"
+            )
+        tracking.client(uri).update_run(parent_id, status="RUNNING")
+    else:
+        name = name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if tracking.find_parent(uri, exp_id, name) is not None:
+            raise ConfigError(
+                f"{kind} {name!r} already exists in MLflow; "
+                "pass --resume to continue it or choose another --name"
+            )
+        prov = tracking.provenance()
+        parent = tracking.client(uri).create_run(
+            exp_id,
+            run_name=name,
+            tags={
+                tracking.SWEEP_TAG: name,
+                tracking.KIND_TAG: kind,
+                "contrastlab.space": str(space.path),
+                "contrastlab.method": space.method,
+                "contrastlab.metric": space.metric,
+                "contrastlab.mode": space.mode,
+                "contrastlab.epochs": str(space.epochs),
+                "contrastlab.optuna_study": name,
+                "contrastlab.runner": runner,
+                "contrastlab.storage": _experiment_dir(storage_path, name),
+                **tracking.provenance_tags(prov),
+            },
+        )
+        parent_id = parent.info.run_id
+        _log_parent_files(uri, parent_id, space, prov)
+    return SweepSettings(space, name, storage_path, uri, exp_id, parent_id, runner)
+
+
+def trainable_for(settings: SweepSettings):
+    """The Tune trainable of a sweep, with the resources one trial holds."""
+    from ray import tune
+
+    fn = trial_direct if settings.runner == "direct" else trial_with_trainer
+    res = settings.space.resources
+    # The trial process itself: in 'direct' mode it trains, so it holds the worker's
+    # resources; in 'trainer' mode it only waits for the TorchTrainer (a small CPU share;
+    # zero is rejected by Ray).
+    trial_res = (
+        {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}
+        if settings.runner == "direct"
+        else {"CPU": 0.01}
+    )
+    return tune.with_resources(tune.with_parameters(fn, settings=settings), trial_res)
+
+
+def init_ray(ray_address: str | None = None) -> None:
+    """Join ``ray_address`` / ``$RAY_ADDRESS``, else start a local Ray (dashboard on localhost)."""
+    import ray
+
+    if not ray.is_initialized():
+        address = ray_address or os.environ.get("RAY_ADDRESS")
+        ray.init(
+            address=address,
+            include_dashboard=True,  # State API: Train V2 cleanup needs it
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+            configure_logging=False,
+        )
+
+
+def fit_tuner(settings: SweepSettings, make_tuner, resume: bool, max_failures: int):
+    """Build (or restore) the Tuner and fit it; the parent run is FAILED if the driver fails."""
+    from ray import tune
+
+    exp_dir = _experiment_dir(settings.storage_path, settings.name)
+    trainable = trainable_for(settings)
+    run_config = tune.RunConfig(
+        name=settings.name,
+        storage_path=settings.storage_path,
+        failure_config=tune.FailureConfig(max_failures=max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        verbose=1,
+    )
+    try:
+        if resume and tune.Tuner.can_restore(exp_dir):
+            tuner = tune.Tuner.restore(exp_dir, trainable, resume_errored=max_failures > 0)
+        else:
+            tuner = make_tuner(trainable, run_config)
+        return tuner.fit()
+    except BaseException:
+        tracking.client(settings.tracking_uri).set_terminated(settings.parent_run_id, "FAILED")
+        raise
+
+
+def finish_sweep(settings: SweepSettings, results, started: float) -> SweepOutcome:
+    """Settle the child runs, pick the best trial, close the parent run."""
+    space, uri, parent_id = settings.space, settings.tracking_uri, settings.parent_run_id
+    rows = _settle_mlflow(settings, results)
+    outcome = SweepOutcome(
+        settings.name,
+        _experiment_dir(settings.storage_path, settings.name),
+        parent_id,
+        rows,
+        wall_s=time.perf_counter() - started,
+    )
+    # the best config is the best among trials that ran the full budget: a trial stopped by
+    # ASHA has only a value at an earlier epoch, not comparable with final values
+    done = [r for r in rows if r["metric"] is not None and r["status"] == "FINISHED"]
+    if done:
+        pick = max if space.mode == "max" else min
+        outcome.best = pick(done, key=lambda r: r["metric"])
+    c = tracking.client(uri)
+    if outcome.best is not None:
+        c.log_metric(parent_id, f"best_{space.metric}", float(outcome.best["metric"]))
+        c.set_tag(parent_id, "contrastlab.best_run_id", str(outcome.best["run_id"]))
+    failed = sum(r["status"] == "FAILED" for r in rows)
+    c.set_tag(parent_id, "contrastlab.trials", json.dumps({"total": len(rows), "failed": failed}))
+    c.set_terminated(parent_id, "FINISHED")
+    return outcome
+
+
 def run_sweep(
     space: SearchSpace,
     *,
@@ -364,152 +557,61 @@ def run_sweep(
         ray_address: Ray cluster to join (default: ``$RAY_ADDRESS``, else a local Ray).
     """
     import optuna
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     started = time.perf_counter()
-    storage_path = (
-        os.path.abspath(storage_path) if "://" not in str(storage_path) else str(storage_path)
-    )
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    tracking.check_reachable(uri)  # fail in seconds, before any trial is scheduled
-    if runner == "auto":
-        runner = "direct" if space.resources.workers == 1 else "trainer"
-    if runner not in ("direct", "trainer"):
-        raise ConfigError(f"runner: {runner!r}; allowed: auto, direct, trainer")
-    if runner == "direct" and space.resources.workers > 1:
-        raise ConfigError(
-            f"{space.path}: resources.workers={space.resources.workers} needs runner 'trainer'"
-        )
-
-    exp_id = tracking.experiment_id(uri, experiment or f"contrastlab-{space.name}")
-    if resume:
-        if name is None:
-            raise ConfigError("--resume needs the sweep --name to continue")
-        # the sweep's state lives in MLflow: its parent run, found by the sweep-name tag
-        parent_id = tracking.find_parent(uri, exp_id, name)
-        if parent_id is None:
-            raise ConfigError(
-                f"cannot resume sweep {name!r}: no parent run tagged with it in "
-                f"MLflow experiment {experiment or f'contrastlab-{space.name}'!r}"
-            )
-        tracking.client(uri).update_run(parent_id, status="RUNNING")
-    else:
-        name = name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if tracking.find_parent(uri, exp_id, name) is not None:
-            raise ConfigError(
-                f"sweep {name!r} already exists in MLflow; "
-                "pass --resume to continue it or choose another --name"
-            )
-        prov = tracking.provenance()
-        parent = tracking.client(uri).create_run(
-            exp_id,
-            run_name=name,
-            tags={
-                tracking.SWEEP_TAG: name,
-                "contrastlab.space": str(space.path),
-                "contrastlab.method": space.method,
-                "contrastlab.optuna_study": name,
-                "contrastlab.runner": runner,
-                "contrastlab.storage": _experiment_dir(storage_path, name),
-                **tracking.provenance_tags(prov),
-            },
-        )
-        parent_id = parent.info.run_id
-        _log_parent_files(uri, parent_id, space, prov)
-    exp_dir = _experiment_dir(storage_path, name)
-
-    settings = SweepSettings(space, name, storage_path, uri, exp_id, parent_id, runner)
-    fn = trial_direct if runner == "direct" else trial_with_trainer
-    res = space.resources
-    # The trial process itself: in 'direct' mode it trains, so it holds the worker's
-    # resources; in 'trainer' mode it only waits for the TorchTrainer (a small CPU share;
-    # zero is rejected by Ray).
-    trial_res = (
-        {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}
-        if runner == "direct"
-        else {"CPU": 0.01}
-    )
-    trainable = tune.with_resources(tune.with_parameters(fn, settings=settings), trial_res)
-
-    if not ray.is_initialized():
-        address = ray_address or os.environ.get("RAY_ADDRESS")
-        ray.init(
-            address=address,
-            include_dashboard=True,  # State API: Train V2 cleanup needs it
-            dashboard_host="127.0.0.1",
-            log_to_driver=True,
-            configure_logging=False,
-        )
-    run_config = tune.RunConfig(
+    settings = open_sweep(
+        space,
+        kind="sweep",
         name=name,
         storage_path=storage_path,
-        failure_config=tune.FailureConfig(max_failures=max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        verbose=1,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        resume=resume,
+        runner=runner,
     )
-    try:
-        if resume and tune.Tuner.can_restore(exp_dir):
-            tuner = tune.Tuner.restore(exp_dir, trainable, resume_errored=max_failures > 0)
-        else:
-            storage = None
-            if optuna_storage:
-                storage = optuna.storages.RDBStorage(optuna_storage)
-            search = OptunaSearch(
-                space=space.define_by_run,
+    if optuna_storage:
+        tracking.client(settings.tracking_uri).set_tag(
+            settings.parent_run_id, "contrastlab.optuna_storage", optuna_storage
+        )
+
+    def make_tuner(trainable, run_config):
+        storage = optuna.storages.RDBStorage(optuna_storage) if optuna_storage else None
+        search = OptunaSearch(
+            space=space.define_by_run,
+            metric=space.metric,
+            mode=space.mode,
+            sampler=optuna.samplers.TPESampler(seed=space.seed),
+            study_name=settings.name,
+            storage=storage,
+        )
+        if space.scheduler.name == "asha":
+            scheduler = ASHAScheduler(
                 metric=space.metric,
                 mode=space.mode,
-                sampler=optuna.samplers.TPESampler(seed=space.seed),
-                study_name=name,
-                storage=storage,
+                time_attr="training_iteration",
+                max_t=space.epochs,
+                grace_period=space.scheduler.grace_period,
+                reduction_factor=space.scheduler.reduction_factor,
             )
-            if space.scheduler.name == "asha":
-                scheduler = ASHAScheduler(
-                    metric=space.metric,
-                    mode=space.mode,
-                    time_attr="training_iteration",
-                    max_t=space.epochs,
-                    grace_period=space.scheduler.grace_period,
-                    reduction_factor=space.scheduler.reduction_factor,
-                )
-            else:
-                scheduler = FIFOScheduler()
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=search,
-                    scheduler=scheduler,
-                    num_samples=space.trials,
-                    max_concurrent_trials=space.concurrency,
-                ),
-                run_config=run_config,
-            )
-        results = tuner.fit()
-    except BaseException:
-        tracking.client(uri).set_terminated(parent_id, "FAILED")
-        raise
-    rows = _settle_mlflow(settings, results)
-    outcome = SweepOutcome(
-        name,
-        exp_dir,
-        parent_id,
-        rows,
-        wall_s=time.perf_counter() - started,
-    )
-    done = [r for r in rows if r["metric"] is not None and r["status"] != "FAILED"]
-    if done:
-        pick = max if space.mode == "max" else min
-        outcome.best = pick(done, key=lambda r: r["metric"])
-    c = tracking.client(uri)
-    if outcome.best is not None:
-        c.log_metric(parent_id, f"best_{space.metric}", float(outcome.best["metric"]))
-        c.set_tag(parent_id, "contrastlab.best_run_id", str(outcome.best["run_id"]))
-    failed = sum(r["status"] == "FAILED" for r in rows)
-    c.set_tag(parent_id, "contrastlab.trials", json.dumps({"total": len(rows), "failed": failed}))
-    c.set_terminated(parent_id, "FINISHED")
-    return outcome
+        else:
+            scheduler = FIFOScheduler()
+        return tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=search,
+                scheduler=scheduler,
+                num_samples=space.trials,
+                max_concurrent_trials=space.concurrency,
+            ),
+            run_config=run_config,
+        )
+
+    init_ray(ray_address)
+    results = fit_tuner(settings, make_tuner, resume, max_failures)
+    return finish_sweep(settings, results, started)
 
 
 def _log_parent_files(uri: str, parent_id: str, space: SearchSpace, prov: dict) -> None:
@@ -522,7 +624,12 @@ def _log_parent_files(uri: str, parent_id: str, space: SearchSpace, prov: dict) 
         if prov["git_diff"]:
             (Path(d) / "git_diff.patch").write_text(prov["git_diff"])
             c.log_artifact(parent_id, str(Path(d) / "git_diff.patch"))
-    c.log_artifact(parent_id, str(space.path), "space")
+    # the space as it ran (after --smoke-test / --trials changes), and the file it came from
+    with tempfile.TemporaryDirectory() as d:
+        effective = Path(d) / f"{Path(space.path).stem}.yaml"
+        effective.write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
+        c.log_artifact(parent_id, str(effective), "space")
+    c.log_artifact(parent_id, str(space.path), "space/source")
 
 
-__all__ = ["SweepOutcome", "SweepSettings", "load_space", "run_sweep"]
+__all__ = ["SweepOutcome", "SweepSettings", "load_space", "open_sweep", "run_sweep"]

@@ -1,0 +1,808 @@
+"""Ablations: a grid of cells (one or two factors) x seeds, run on Ray Tune, analysed with CIs.
+
+An ablation spec is a YAML file (``search_spaces/ablations/*.yaml``)::
+
+    method: supcon
+    base: {data: {dataset: cifar10, root: data/cifar10}}
+    factors:
+      method.contrast_count: [2, 3, 4, 6]
+    seeds: [0, 1, 2]
+    couple:                      # optional: keep other settings in step with a factor
+      optim.lr: {follows: train.batch_size, rule: sqrt, reference: 256}
+    metric: knn_top1
+    mode: max
+    budget: {epochs: 100}
+    concurrency: 8
+    resources: {workers: 1, cpus_per_worker: 2, gpus_per_worker: 0.5}
+
+Every cell x seed is one trial (a Tune grid: no search, no early stopping), tracked in MLflow
+like any sweep trial under one parent run. :func:`analyse` then reads the child runs back from
+MLflow and writes a tidy table (one row per run, Parquet), a summary (mean, std, 95% CI per
+cell), and plots (metric vs factor with CI bands; per-epoch curves per cell), all logged as
+artifacts on the parent run.
+
+A coupling sets ``target = base value x rule(factor / reference)`` with rule ``linear`` or
+``sqrt`` (e.g. lr scaled with the batch size, so a batch-size ablation does not also ablate the
+effective step size). The coupled value is part of every trial's resolved config and its MLflow
+params.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from contrastlab.config import Config, ConfigError
+from contrastlab.spaces import (
+    _MAX_SEED,
+    Resources,
+    SpaceError,
+    _build_config,
+    _check_top_keys,
+    _describe,
+    _int_at_least,
+    _is_finite_number,
+    _is_scalar,
+    _metric_errors,
+    _parse_base,
+    _parse_budget,
+    _parse_method_metric_mode,
+    _parse_resources,
+    _path_error,
+    _prefix_base,
+    _raise,
+    _resource_errors,
+    _short,
+    _show,
+    _UniqueKeyLoader,
+    _unknown,
+)
+
+RULES = ("linear", "sqrt")
+MAX_RUNS = 1024
+"""An ablation bigger than this is almost certainly a typo (cells x seeds)."""
+
+_TOP_KEYS = (
+    "method",
+    "base",
+    "factors",
+    "seeds",
+    "couple",
+    "metric",
+    "mode",
+    "budget",
+    "concurrency",
+    "resources",
+    "smoke",
+)
+_REQUIRED = ("method", "factors", "seeds", "metric", "mode", "budget")
+_COUPLE_KEYS = ("follows", "rule", "reference")
+SEED_PATH = "train.seed"
+
+
+class AblationError(SpaceError):
+    """An ablation spec is invalid; the message names the file, the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Coupling:
+    """``target = base_value * rule(factor_value / reference)``."""
+
+    target: str
+    follows: str
+    rule: str
+    reference: float
+
+    def value(self, base_value: float, factor_value: float) -> float:
+        ratio = factor_value / self.reference
+        return base_value * (ratio if self.rule == "linear" else math.sqrt(ratio))
+
+
+@dataclass(frozen=True)
+class AblationSpec:
+    """A validated ablation. Build it with :func:`load_ablation`."""
+
+    path: Path
+    name: str
+    method: str
+    base: dict[str, Any]
+    factors: tuple[tuple[str, tuple[Any, ...]], ...]
+    seeds: tuple[int, ...]
+    couplings: tuple[Coupling, ...]
+    metric: str
+    mode: str
+    epochs: int
+    concurrency: int
+    resources: Resources
+    smoke: dict[str, tuple[Any, ...]]
+
+    @property
+    def factor_paths(self) -> tuple[str, ...]:
+        return tuple(path for path, _ in self.factors)
+
+    @property
+    def cells(self) -> list[dict[str, Any]]:
+        """Every combination of factor values, in file order."""
+        values = [vals for _, vals in self.factors]
+        return [
+            dict(zip(self.factor_paths, combo, strict=True)) for combo in itertools.product(*values)
+        ]
+
+    @property
+    def n_runs(self) -> int:
+        return len(self.cells) * len(self.seeds)
+
+    @property
+    def trials(self) -> int:  # what a sweep calls it
+        return self.n_runs
+
+    def _base_value(self, path: str) -> Any:
+        return _build_config(self.base, self.method, self.epochs, {}).flat()[path]
+
+    def _values(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The run's values with every coupled path filled in."""
+        values = dict(params)
+        for c in self.couplings:
+            values[c.target] = c.value(self._base_value(c.target), params[c.follows])
+        return values
+
+    def config_for(self, params: Mapping[str, Any]) -> Config:
+        """The run's config: base + the cell's factor values + couplings + ``train.seed``.
+
+        Args:
+            params: ``{factor path: value, ..., "train.seed": seed}`` (one Tune grid point).
+        """
+        missing = [p for p in (*self.factor_paths, SEED_PATH) if p not in params]
+        extra = [p for p in params if p not in (*self.factor_paths, SEED_PATH)]
+        if missing or extra:
+            raise AblationError(
+                f"{self.path}: a run needs exactly the factors and train.seed; "
+                f"missing {missing}, unexpected {extra}"
+            )
+        try:
+            return _build_config(self.base, self.method, self.epochs, self._values(params))
+        except ConfigError as e:
+            raise AblationError(
+                f"{self.path}: the run {_show(dict(params))} gives an invalid config: {_short(e)}"
+            ) from None
+
+    def grid(self) -> dict[str, Any]:
+        """The Tune ``param_space``: a grid over every factor and the seeds."""
+        from ray import tune
+
+        space = {path: tune.grid_search(list(vals)) for path, vals in self.factors}
+        space[SEED_PATH] = tune.grid_search(list(self.seeds))
+        return space
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "method": self.method,
+            "base": copy.deepcopy(self.base),
+            "factors": {p: list(v) for p, v in self.factors},
+            "seeds": list(self.seeds),
+            "metric": self.metric,
+            "mode": self.mode,
+            "budget": {"epochs": self.epochs},
+            "concurrency": self.concurrency,
+            "resources": self.resources.to_dict(),
+        }
+        if self.couplings:
+            out["couple"] = {
+                c.target: {"follows": c.follows, "rule": c.rule, "reference": c.reference}
+                for c in self.couplings
+            }
+        if self.smoke:
+            out["smoke"] = {p: list(v) for p, v in self.smoke.items()}
+        return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_ablation(path: str | Path) -> AblationSpec:
+    """Read and fully validate an ablation spec (every run's config is built once).
+
+    Raises:
+        AblationError: anything wrong; the message names the file and the key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AblationError(f"{path}: ablation spec file not found")
+    try:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except (OSError, UnicodeDecodeError) as e:
+        raise AblationError(f"{path}: cannot read the file: {e}") from None
+    except yaml.YAMLError as e:
+        raise AblationError(f"{path}: not valid YAML: {e}") from None
+    return ablation_from_dict(data, path)
+
+
+def ablation_from_dict(data: Any, path: str | Path = "<dict>") -> AblationSpec:
+    """Validate an already-parsed spec (its YAML form)."""
+    path = Path(path)
+    where = str(path)
+    try:
+        return _validate(copy.deepcopy(data), path, where)
+    except AblationError:
+        raise
+    except SpaceError as e:  # helpers shared with search spaces raise SpaceError
+        raise AblationError(str(e)) from None
+
+
+def _validate(data: Any, path: Path, where: str) -> AblationSpec:
+    _check_top_keys(data, where, _TOP_KEYS, _REQUIRED)
+    errs: list[str] = []
+    method, metric, mode = _parse_method_metric_mode(data, errs)
+    epochs = _parse_budget(data["budget"], errs)
+    concurrency = _int_at_least(data.get("concurrency", 1), 1, "concurrency", errs)
+    resources = _parse_resources(
+        data.get("resources", {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}), errs
+    )
+    base = _parse_base(data.get("base"), method, epochs, errs)
+    seeds = _parse_seeds(data["seeds"], errs)
+    factors = _parse_factors(data["factors"], method, base, errs)
+    _raise_ab(where, errs)
+    assert method is not None and base is not None and epochs is not None
+    assert seeds is not None and factors is not None and concurrency is not None
+    couplings = _parse_couplings(data.get("couple"), factors, method, base, errs)
+    smoke = _parse_smoke(data.get("smoke"), factors, errs)
+    _raise_ab(where, errs)
+
+    try:
+        base_cfg = _build_config(base, method, epochs, {})
+    except ConfigError as e:
+        raise AblationError(f"{where}: {_prefix_base(e)}") from None
+    if "train" in base and isinstance(base["train"], Mapping) and "seed" in base["train"]:
+        errs.append("base.train.seed: the seeds of an ablation are set by `seeds`; remove it")
+    for c in couplings:
+        if not _is_finite_number(base_cfg.flat()[c.target]):
+            errs.append(f"couple.{c.target}: must be a numeric config field to scale")
+    searched = (*dict(factors), SEED_PATH)
+    errs.extend(_metric_errors(metric, mode, method, base_cfg, searched))
+    errs.extend(_resource_errors(resources, base_cfg, {}))
+    _raise_ab(where, errs)
+
+    spec = AblationSpec(
+        path=path,
+        name=path.stem,
+        method=method,
+        base=base,
+        factors=tuple((p, tuple(v)) for p, v in factors),
+        seeds=tuple(seeds),
+        couplings=tuple(couplings),
+        metric=metric,
+        mode=mode,
+        epochs=epochs,
+        concurrency=concurrency,
+        resources=resources,
+        smoke=smoke,
+    )
+    if spec.n_runs > MAX_RUNS:
+        raise AblationError(
+            f"{where}: {len(spec.cells)} cells x {len(seeds)} seeds = {spec.n_runs} runs; "
+            f"allowed: at most {MAX_RUNS}"
+        )
+    # every cell must build a valid config (seeds do not change validity: use the first)
+    for cell in spec.cells:
+        try:
+            _build_config(base, method, epochs, spec._values({**cell, SEED_PATH: seeds[0]}))
+        except ConfigError as e:
+            raise AblationError(
+                f"{where}: the cell {_show(cell)} gives an invalid config: {_short(e)}"
+            ) from None
+    return spec
+
+
+def _raise_ab(where: str, errs: list[str]) -> None:
+    try:
+        _raise(where, errs)
+    except SpaceError as e:
+        raise AblationError(str(e)) from None
+
+
+def _parse_seeds(seeds: Any, errs: list[str]) -> list[int] | None:
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if seeds < 1:
+            errs.append(f"seeds: a count must be >= 1, got {seeds}")
+            return None
+        return list(range(seeds))
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        errs.append(
+            f"seeds: must be a count (e.g. 3 -> seeds 0, 1, 2) or a non-empty list of integers, "
+            f"got {_describe(seeds)}"
+        )
+        return None
+    if len(set(seeds)) != len(seeds):
+        errs.append(f"seeds: contains duplicates: {seeds}")
+    if any(not 0 <= s <= _MAX_SEED for s in seeds):
+        errs.append(f"seeds: every seed must be in [0, 2**32 - 1], got {seeds}")
+    return seeds
+
+
+def _parse_factors(
+    factors: Any, method: str | None, base: dict | None, errs: list[str]
+) -> list[tuple[str, list[Any]]] | None:
+    if not isinstance(factors, Mapping) or not 1 <= len(factors) <= 2:
+        errs.append(
+            "factors: must map one or two dotted config paths to lists of values, e.g. "
+            f"method.contrast_count: [2, 3, 4, 6]; got {_describe(factors)}"
+        )
+        return None
+    out = []
+    for path, values in factors.items():
+        key = f"factors.{path}"
+        if not isinstance(path, str):
+            errs.append(f"factors: key {path!r} must be a dotted config path like optim.lr")
+            continue
+        why = _path_error(path, method, "ablated")
+        if why is None and path in ("train.epochs", SEED_PATH):
+            why = "is set by budget.epochs / seeds, it cannot be a factor"
+        if why is not None:
+            errs.append(f"{key}: {why}")
+            continue
+        if not isinstance(values, list) or len(values) < 2:
+            errs.append(f"{key}: must be a list of at least 2 values, got {_describe(values)}")
+            continue
+        if not all(_is_scalar(v) for v in values):
+            errs.append(f"{key}: values must be numbers, strings, true/false or null: {values}")
+            continue
+        if len({repr(v) for v in values}) != len(values):
+            errs.append(f"{key}: values must be distinct, got {values}")
+            continue
+        section, name = path.split(".")
+        fixed = (base or {}).get(section)
+        if isinstance(fixed, Mapping) and name in fixed:
+            errs.append(
+                f"{key}: also fixed in base ({section}: {{{name}: {fixed[name]!r}}}); "
+                "a path is either ablated or fixed: remove one"
+            )
+            continue
+        out.append((path, list(values)))
+    return out
+
+
+def _parse_couplings(
+    couple: Any, factors: list[tuple[str, list[Any]]], method: str, base: dict, errs: list[str]
+) -> list[Coupling]:
+    if couple is None:
+        return []
+    if not isinstance(couple, Mapping):
+        errs.append(
+            "couple: must map a config path to {follows: <factor>, rule: linear|sqrt, "
+            f"reference: <number>}}, got {_describe(couple)}"
+        )
+        return []
+    factor_paths = [p for p, _ in factors]
+    out = []
+    for target, spec in couple.items():
+        key = f"couple.{target}"
+        why = _path_error(str(target), method, "coupled")
+        if why is not None:
+            errs.append(f"{key}: {why}")
+            continue
+        if target in factor_paths or target == SEED_PATH:
+            errs.append(f"{key}: is a factor (or the seed); a coupled path must be another one")
+            continue
+        if not isinstance(spec, Mapping):
+            errs.append(f"{key}: must be a mapping with keys {', '.join(_COUPLE_KEYS)}")
+            continue
+        bad = [k for k in spec if k not in _COUPLE_KEYS]
+        if bad:
+            errs.append(_unknown(f"{key}.{bad[0]}", str(bad[0]), _COUPLE_KEYS))
+            continue
+        follows, rule, ref = spec.get("follows"), spec.get("rule", "linear"), spec.get("reference")
+        if follows not in factor_paths:
+            errs.append(f"{key}.follows: must name a factor; allowed: {', '.join(factor_paths)}")
+            continue
+        if rule not in RULES:
+            errs.append(f"{key}.rule: {rule!r}; allowed: {', '.join(RULES)}")
+            continue
+        if not _is_finite_number(ref) or ref <= 0:
+            errs.append(f"{key}.reference: must be a number > 0, got {_describe(ref)}")
+            continue
+        values = dict(factors)[follows]
+        if not all(_is_finite_number(v) and v > 0 for v in values):
+            errs.append(f"{key}.follows: factor {follows} must have positive numeric values")
+            continue
+        # the base value (or the default) is what gets scaled; the resolved config shows it
+        out.append(Coupling(str(target), follows, rule, float(ref)))
+    return out
+
+
+def _parse_smoke(
+    smoke: Any, factors: list[tuple[str, list[Any]]], errs: list[str]
+) -> dict[str, tuple[Any, ...]]:
+    if smoke is None:
+        return {}
+    paths = [p for p, _ in factors]
+    if not isinstance(smoke, Mapping):
+        errs.append(f"smoke: must map factor paths to small values for --smoke-test, got {smoke!r}")
+        return {}
+    out = {}
+    for path, values in smoke.items():
+        if path not in paths:
+            errs.append(f"smoke.{path}: not a factor; allowed: {', '.join(paths)}")
+        elif not isinstance(values, list) or len(values) < 2:
+            errs.append(f"smoke.{path}: must be a list of at least 2 values, got {values!r}")
+        else:
+            out[path] = tuple(values)
+    return out
+
+
+# --------------------------------------------------------------------------- smoke test
+
+
+def smoke_ablation(spec: AblationSpec, epochs: int = 2, seeds: int = 2) -> AblationSpec:
+    """The same ablation, tiny: digits, a small convnet, 2 values per factor, 2 seeds.
+
+    Factor values come from the spec's ``smoke`` section where the full values would not fit
+    the tiny setting (e.g. queue sizes larger than the smoke dataset), else the first two.
+    """
+    from contrastlab.tune import _SMOKE_BASE, _SMOKE_METHOD
+
+    data = spec.to_dict()
+    base = copy.deepcopy(_SMOKE_BASE)
+    base["method"] = {
+        k: v for k, v in _SMOKE_METHOD.get(spec.method, {}).items() if k not in spec.factor_paths
+    }
+    for section, values in base.items():
+        base[section] = {
+            k: v for k, v in values.items() if f"{section}.{k}" not in spec.factor_paths
+        }
+    base["data"]["max_train_samples"] = 512
+    data["base"] = base
+    data["factors"] = {p: list(spec.smoke.get(p, v[:2])) for p, v in spec.factors}
+    data["seeds"] = list(spec.seeds[:seeds])
+    data["budget"] = {"epochs": epochs}
+    data["concurrency"] = 2
+    data["resources"] = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}
+    data.pop("smoke", None)
+    return ablation_from_dict(data, spec.path)
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class AblationOutcome:
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    table: Any  # pandas.DataFrame, one row per run
+    summary: Any  # pandas.DataFrame, one row per cell
+    files: dict[str, Path]
+    wall_s: float
+
+
+def run_ablation(
+    spec: AblationSpec,
+    *,
+    name: str | None = None,
+    storage_path: str | Path = "sweeps",
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    resume: bool = False,
+    runner: str = "auto",
+    max_failures: int = 0,
+    ray_address: str | None = None,
+    out_dir: str | Path | None = None,
+) -> AblationOutcome:
+    """Run every cell x seed on Ray Tune (a grid, no early stopping), then :func:`analyse`.
+
+    Args mirror :func:`contrastlab.tune.run_sweep`; ``out_dir`` (default
+    ``<storage_path>/<name>/analysis``) receives the tables and plots.
+    """
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+
+    from contrastlab.tune import finish_sweep, fit_tuner, init_ray, open_sweep
+
+    started = time.perf_counter()
+    settings = open_sweep(
+        spec,
+        kind="ablation",
+        name=name,
+        storage_path=storage_path,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        resume=resume,
+        runner=runner,
+    )
+    from contrastlab import tracking
+
+    c = tracking.client(settings.tracking_uri)
+    c.set_tag(settings.parent_run_id, "contrastlab.factors", json.dumps(spec.factor_paths))
+
+    def make_tuner(trainable, run_config):
+        return tune.Tuner(
+            trainable,
+            param_space=spec.grid(),
+            tune_config=tune.TuneConfig(
+                scheduler=FIFOScheduler(),
+                num_samples=1,  # the grid already holds every cell x seed
+                max_concurrent_trials=spec.concurrency,
+            ),
+            run_config=run_config,
+        )
+
+    init_ray(ray_address)
+    results = fit_tuner(settings, make_tuner, resume, max_failures)
+    finish_sweep(settings, results, started)
+    out = Path(out_dir) if out_dir else Path(settings.storage_path) / settings.name / "analysis"
+    analysis = analyse(
+        settings.tracking_uri, settings.parent_run_id, out, spec=spec, log_to_mlflow=True
+    )
+    analysis.wall_s = time.perf_counter() - started
+    analysis.name = settings.name
+    return analysis
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def results_table(uri: str, parent_id: str, factors: tuple[str, ...], metric: str, mode: str):
+    """One row per child run: factors, seed, status, final/best/init metric, wall time, views/s.
+
+    Also returns the per-epoch curves ``{run_id: {"epoch": [...], metric: [...]}}``.
+    """
+    import pandas as pd
+
+    from contrastlab import tracking
+
+    c = tracking.client(uri)
+    parent = c.get_run(parent_id)
+    rows, curves = [], {}
+    for r in tracking.child_runs(uri, parent.info.experiment_id, parent_id):
+        p = r.data.params
+        hist = sorted(c.get_metric_history(r.info.run_id, metric), key=lambda m: m.step)
+        trained = [m.value for m in hist if m.step > 0]
+        init = [m.value for m in hist if m.step == 0]
+        vps = [m.value for m in c.get_metric_history(r.info.run_id, "views_per_s")]
+        end = r.info.end_time or int(time.time() * 1000)
+        pick = max if mode == "max" else min
+        row = {f: tracking.param_value(p.get(f)) for f in factors}
+        row.update(
+            seed=int(p.get(SEED_PATH, 0)),
+            status=r.info.status,
+            epochs=max((m.step for m in hist), default=0),
+            **{
+                f"final_{metric}": trained[-1] if trained else math.nan,
+                f"best_{metric}": pick(trained) if trained else math.nan,
+                f"init_{metric}": init[0] if init else math.nan,
+                "final_loss": r.data.metrics.get("loss", math.nan),
+                "wall_s": (end - r.info.start_time) / 1000.0,
+                "views_per_s": sum(vps) / len(vps) if vps else math.nan,
+            },
+            run_id=r.info.run_id,
+        )
+        rows.append(row)
+        curves[r.info.run_id] = {
+            "epoch": [m.step for m in hist],
+            metric: [m.value for m in hist],
+        }
+    table = pd.DataFrame(rows)
+    if len(table):
+        table = table.sort_values([*factors, "seed"], kind="stable").reset_index(drop=True)
+    return table, curves
+
+
+def summarise(table, factors: tuple[str, ...], value: str):
+    """Mean, std (ddof 1), n and the 95% t-interval of ``value`` per cell (finished runs)."""
+    import pandas as pd
+    from scipy import stats
+
+    done = table[table["status"] == "FINISHED"]
+    rows = []
+    for cell, g in done.groupby(list(factors), sort=False, dropna=False):
+        cell = cell if isinstance(cell, tuple) else (cell,)
+        x = g[value].dropna().to_numpy(dtype=float)
+        n = len(x)
+        mean = float(x.mean()) if n else math.nan
+        std = float(x.std(ddof=1)) if n > 1 else math.nan
+        half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
+        rows.append(
+            {
+                **dict(zip(factors, cell, strict=True)),
+                "n": n,
+                "mean": mean,
+                "std": std,
+                "ci95_low": mean - half,
+                "ci95_high": mean + half,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def format_summary(summary, factors: tuple[str, ...], value: str) -> str:
+    """The summary as an aligned text table for the terminal."""
+    head = [*factors, "n", value, "95% CI"]
+    lines = []
+    for r in summary.to_dict("records"):  # iterrows would turn int factors into floats
+        ci = "-" if math.isnan(r["ci95_low"]) else f"[{r['ci95_low']:.2f}, {r['ci95_high']:.2f}]"
+        sd = "" if math.isnan(r["std"]) else f" ± {r['std']:.2f}"
+        lines.append([*(str(r[f]) for f in factors), str(int(r["n"])), f"{r['mean']:.2f}{sd}", ci])
+    widths = [max(len(h), *(len(ln[i]) for ln in lines)) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(
+        [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        + [fmt.format(*ln) for ln in lines]
+    )
+
+
+def plot_vs_factor(summary, table, factors: tuple[str, ...], value: str, title: str, path: Path):
+    """``value`` against the first factor: mean line, 95% CI band, one dot per seed.
+
+    A second factor gives one line per level. Numeric factors spanning more than a factor of 4
+    use a log2 axis (batch sizes, queue sizes, patch counts).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    f1 = factors[0]
+    levels = [None] if len(factors) == 1 else list(dict.fromkeys(summary[factors[1]]))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    xs_all = list(dict.fromkeys(summary[f1]))
+    numeric = all(_is_finite_number(x) for x in xs_all)
+    log = numeric and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 4
+
+    def xpos(v):
+        return v if numeric else xs_all.index(v)
+
+    for level in levels:
+        s = summary if level is None else summary[summary[factors[1]] == level]
+        t = table if level is None else table[table[factors[1]] == level]
+        t = t[t["status"] == "FINISHED"]
+        x = [xpos(v) for v in s[f1]]
+        label = None if level is None else f"{factors[1]}={level}"
+        (line,) = ax.plot(x, s["mean"], marker="o", label=label)
+        ok = ~s["ci95_low"].isna()
+        if ok.any():
+            ax.fill_between(
+                [xi for xi, k in zip(x, ok, strict=True) if k],
+                s["ci95_low"][ok],
+                s["ci95_high"][ok],
+                alpha=0.2,
+                color=line.get_color(),
+            )
+        ax.scatter([xpos(v) for v in t[f1]], t[value], s=10, alpha=0.6, color=line.get_color())
+    if log:
+        ax.set_xscale("log", base=2)
+    if numeric:
+        ax.set_xticks(xs_all)
+        ax.set_xticklabels([str(v) for v in xs_all])
+    else:
+        ax.set_xticks(range(len(xs_all)))
+        ax.set_xticklabels([str(v) for v in xs_all])
+    ax.set_xlabel(f1)
+    ax.set_ylabel(f"{value} (mean, 95% CI band; dots: seeds)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(levels) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_curves(table, curves, factors: tuple[str, ...], metric: str, title: str, path: Path):
+    """Per-epoch ``metric`` per cell: mean over seeds, band = min..max over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for cell, g in table.groupby(list(factors), sort=False, dropna=False):
+        cell = cell if isinstance(cell, tuple) else (cell,)
+        series = [curves[rid] for rid in g["run_id"] if curves.get(rid, {}).get("epoch")]
+        if not series:
+            continue
+        n = min(len(s["epoch"]) for s in series)
+        ep = np.array(series[0]["epoch"][:n])
+        y = np.array([s[metric][:n] for s in series])
+        label = ", ".join(f"{f.split('.')[-1]}={v}" for f, v in zip(factors, cell, strict=True))
+        (line,) = ax.plot(ep, y.mean(0), label=label)
+        if len(series) > 1:
+            ax.fill_between(ep, y.min(0), y.max(0), alpha=0.15, color=line.get_color())
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch (0 = random init)")
+    ax.set_ylabel(f"{metric} (mean over seeds; band: min-max)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def analyse(
+    uri: str,
+    parent_id: str,
+    out_dir: str | Path,
+    spec: AblationSpec | None = None,
+    log_to_mlflow: bool = True,
+) -> AblationOutcome:
+    """Tables and plots of a finished (or partly finished) ablation, from MLflow.
+
+    Writes ``results.parquet`` (tidy, one row per run), ``summary.parquet`` and ``summary.md``
+    (per cell), ``<metric>_vs_<factor>.png`` and ``curves.png`` into ``out_dir`` and, with
+    ``log_to_mlflow``, onto the parent run under ``analysis/``.
+    """
+    from contrastlab import tracking
+
+    c = tracking.client(uri)
+    tags = c.get_run(parent_id).data.tags
+    factors = tuple(spec.factor_paths if spec else json.loads(tags["contrastlab.factors"]))
+    metric = spec.metric if spec else tags.get("contrastlab.metric", "knn_top1")
+    mode = spec.mode if spec else tags.get("contrastlab.mode", "max")
+    name = tags.get(tracking.SWEEP_TAG, parent_id)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table, curves = results_table(uri, parent_id, factors, metric, mode)
+    if table.empty:
+        raise AblationError(f"ablation {name!r} (run {parent_id}) has no runs in MLflow yet")
+    value = f"final_{metric}"
+    summary = summarise(table, factors, value)
+    files = {
+        "results": out / "results.parquet",
+        "summary": out / "summary.parquet",
+        "summary_md": out / "summary.md",
+        "vs_factor": out / f"{metric}_vs_{factors[0].split('.')[-1]}.png",
+        "curves": out / "curves.png",
+    }
+    table.to_parquet(files["results"], engine="pyarrow", index=False)
+    summary.to_parquet(files["summary"], engine="pyarrow", index=False)
+    text = format_summary(summary, factors, value)
+    n_failed = int((table["status"] == "FAILED").sum())
+    files["summary_md"].write_text(
+        f"# Ablation {name}\n\n{len(table)} runs ({n_failed} failed); {value} per cell, "
+        "mean ± std over seeds, 95% t-interval.\n\n```\n" + text + "\n```\n"
+    )
+    title = f"{name}: {metric} vs {factors[0]}"
+    plot_vs_factor(summary, table, factors, value, title, files["vs_factor"])
+    plot_curves(table, curves, factors, metric, f"{name}: {metric} per epoch", files["curves"])
+    if log_to_mlflow:
+        for f in files.values():
+            c.log_artifact(parent_id, str(f), "analysis")
+    return AblationOutcome(name, parent_id, uri, table, summary, files, wall_s=0.0)
+
+
+def find_ablations(root: str | Path) -> list[Path]:
+    """Every ablation spec under ``root`` (``*.yaml``, skipping names starting with _ or .)."""
+    root = Path(root)
+    return sorted(
+        p
+        for p in root.rglob("*.y*ml")
+        if not any(part.startswith(("_", ".")) for part in p.relative_to(root).parts)
+    )
+
+
+__all__ = [
+    "AblationError",
+    "AblationOutcome",
+    "AblationSpec",
+    "analyse",
+    "ablation_from_dict",
+    "find_ablations",
+    "load_ablation",
+    "run_ablation",
+    "smoke_ablation",
+]

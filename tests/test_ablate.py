@@ -1,0 +1,229 @@
+"""Ablation specs: validation, couplings, statistics, and a real grid through Ray into MLflow."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from contrastlab import tracking
+from contrastlab.ablate import (
+    AblationError,
+    ablation_from_dict,
+    find_ablations,
+    format_summary,
+    load_ablation,
+    run_ablation,
+    smoke_ablation,
+    summarise,
+)
+from contrastlab.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = find_ablations(ROOT / "search_spaces" / "ablations")
+
+
+def _spec(**changes):
+    data = {
+        "method": "simclr",
+        "base": {"data": {"dataset": "digits"}},
+        "factors": {"train.batch_size": [64, 128]},
+        "seeds": 2,
+        "metric": "knn_top1",
+        "mode": "max",
+        "budget": {"epochs": 3},
+    }
+    for k, v in changes.items():
+        if v is None:
+            data.pop(k, None)
+        else:
+            data[k] = v
+    return data
+
+
+def test_shipped_ablations_cover_the_issue_and_load():
+    names = {p.stem for p in SHIPPED}
+    assert {
+        "supcon_contrast_count",
+        "simclr_batch_size",
+        "emp_ssl_num_patches",
+        "moco_queue_size",
+    } <= names
+    factors = {load_ablation(p).factor_paths[0] for p in SHIPPED}
+    assert {
+        "method.contrast_count",
+        "train.batch_size",
+        "method.num_patches",
+        "method.queue_size",
+    } <= factors
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_ablation_and_its_smoke_version_build_every_run(path):
+    spec = load_ablation(path)
+    assert spec.n_runs == len(spec.cells) * len(spec.seeds) >= 8
+    smoke = smoke_ablation(spec)
+    assert smoke.n_runs == 4 and smoke.epochs == 2
+    for cell in smoke.cells:
+        cfg = smoke.config_for({**cell, "train.seed": smoke.seeds[-1]})
+        assert cfg.data.dataset == "digits" and cfg.train.seed == smoke.seeds[-1]
+        for key, value in cell.items():
+            assert cfg.flat()[key] == value
+
+
+def test_spec_round_trips_through_its_yaml_form():
+    spec = load_ablation(ROOT / "search_spaces" / "ablations" / "simclr_batch_size.yaml")
+    assert ablation_from_dict(yaml.safe_load(yaml.safe_dump(spec.to_dict())), spec.path) == spec
+
+
+@pytest.mark.parametrize(
+    "rule, expected",
+    [("linear", [0.15, 0.3, 0.6]), ("sqrt", [0.3 / math.sqrt(2), 0.3, 0.3 * 2**0.5])],
+)
+def test_coupling_scales_the_base_value_with_the_factor(rule, expected):
+    spec = ablation_from_dict(
+        _spec(
+            factors={"train.batch_size": [64, 128, 256]},
+            base={"data": {"dataset": "digits"}, "optim": {"lr": 0.3}},
+            couple={"optim.lr": {"follows": "train.batch_size", "rule": rule, "reference": 128}},
+        )
+    )
+    lrs = [spec.config_for({**c, "train.seed": 0}).optim.lr for c in spec.cells]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+
+
+def test_two_factors_make_the_full_grid_and_seed_list():
+    spec = ablation_from_dict(
+        _spec(
+            method="supcon",
+            factors={"method.contrast_count": [2, 3], "method.temperature": [0.1, 0.2, 0.5]},
+            seeds=[7, 11],
+        )
+    )
+    assert len(spec.cells) == 6 and spec.n_runs == 12 and spec.seeds == (7, 11)
+    assert spec.cells[1] == {"method.contrast_count": 2, "method.temperature": 0.2}
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"factor": 1}, r"factor: unknown key \(did you mean 'factors'\?\)"),
+        ({"factors": {}}, "factors: must map one or two"),
+        ({"factors": {"a.b": [1, 2], "c.d": [1, 2], "e.f": [1, 2]}}, "one or two"),
+        ({"factors": {"train.batch_size": [64]}}, r"factors.train.batch_size: .*at least 2"),
+        ({"factors": {"train.batch_size": [64, 64]}}, "distinct"),
+        ({"factors": {"method.queue_size": [64, 128]}}, "no field 'queue_size'.*a field of moco"),
+        ({"factors": {"train.seed": [1, 2]}}, "set by budget.epochs / seeds"),
+        ({"factors": {"train.batch_size": [64, 1]}}, r"cell \{train.batch_size: 1\}.*batch_size"),
+        ({"seeds": 0}, "seeds: a count must be >= 1"),
+        ({"seeds": [1, 1]}, "duplicates"),
+        ({"seeds": "three"}, "seeds: must be a count"),
+        ({"metric": "accuracy"}, "metric: 'accuracy' is not a metric"),
+        ({"mode": "up"}, "mode: must be one of max, min"),
+        ({"budget": None}, "budget: required key is missing"),
+        (
+            {"couple": {"optim.lr": {"follows": "train.seed", "rule": "sqrt", "reference": 1}}},
+            "couple.optim.lr.follows: must name a factor",
+        ),
+        (
+            {"couple": {"optim.lr": {"follows": "train.batch_size", "rule": "cube"}}},
+            r"couple.optim.lr.rule: 'cube'; allowed: linear, sqrt",
+        ),
+        (
+            {"couple": {"optim.lr": {"follows": "train.batch_size", "reference": 0}}},
+            "reference: must be a number > 0",
+        ),
+        (
+            {"couple": {"train.batch_size": {"follows": "train.batch_size", "reference": 1}}},
+            "is a factor",
+        ),
+        ({"smoke": {"optim.lr": [1, 2]}}, "smoke.optim.lr: not a factor"),
+    ],
+)
+def test_bad_specs_name_the_key_and_the_rule(changes, match):
+    with pytest.raises(AblationError, match=match):
+        ablation_from_dict(_spec(**changes), "bad.yaml")
+
+
+def test_a_queue_that_does_not_fit_the_batch_names_the_cell():
+    data = _spec(method="moco", factors={"method.queue_size": [256, 100]})
+    data["base"]["train"] = {"batch_size": 64}
+    with pytest.raises(AblationError, match=r"cell \{method.queue_size: 100.*multiple of"):
+        ablation_from_dict(data, "moco.yaml")
+
+
+def test_errors_are_config_errors_and_files_are_checked(tmp_path):
+    assert issubclass(AblationError, ConfigError)  # the CLI prints them without a traceback
+    with pytest.raises(AblationError, match="not found"):
+        load_ablation(tmp_path / "missing.yaml")
+    bad = tmp_path / "dup.yaml"
+    bad.write_text("method: simclr\nmethod: supcon\n")
+    with pytest.raises(AblationError, match="not valid YAML|duplicate"):
+        load_ablation(bad)
+
+
+def test_summary_is_mean_std_and_the_t_interval():
+    table = pd.DataFrame(
+        {
+            "f": [1, 1, 1, 2, 2, 3],
+            "v": [70.0, 72.0, 77.0, 80.0, 80.0, 90.0],
+            "status": ["FINISHED"] * 5 + ["FAILED"],
+        }
+    )
+    s = summarise(table, ("f",), "v")
+    assert list(s["f"]) == [1, 2] and list(s["n"]) == [3, 2]  # failed runs are left out
+    row = s.iloc[0]
+    std = math.sqrt(((70 - 73) ** 2 + (72 - 73) ** 2 + (77 - 73) ** 2) / 2)
+    assert row["mean"] == pytest.approx(73.0) and row["std"] == pytest.approx(std)
+    half = 4.302652729911275 * std / math.sqrt(3)  # t(0.975, df=2)
+    assert row["ci95_low"] == pytest.approx(73 - half) and row["ci95_high"] == pytest.approx(
+        73 + half
+    )
+    assert s.iloc[1]["std"] == 0.0
+    text = format_summary(s, ("f",), "v")
+    assert "73.00 ± 3.61" in text and text.splitlines()[2].startswith("1 ")  # ints stay ints
+
+
+@pytest.mark.slow
+def test_smoke_ablation_runs_every_cell_and_logs_tables_and_plots(tmp_path, ray_local):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = smoke_ablation(
+        load_ablation(ROOT / "search_spaces" / "ablations" / "simclr_batch_size.yaml")
+    )
+    out = run_ablation(
+        spec,
+        name="abl",
+        storage_path=tmp_path / "sweeps",
+        tracking_uri=uri,
+        out_dir=tmp_path / "out",
+    )
+    c = tracking.client(uri)
+    parent = c.get_run(out.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[tracking.KIND_TAG] == "ablation"
+    children = tracking.child_runs(uri, parent.info.experiment_id, out.parent_run_id)
+    assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
+    # every cell x seed ran once, with the coupled lr in its params
+    runs = {(r.data.params["train.batch_size"], r.data.params["train.seed"]) for r in children}
+    assert runs == {("64", "0"), ("64", "1"), ("128", "0"), ("128", "1")}
+    lr = {r.data.params["train.batch_size"]: float(r.data.params["optim.lr"]) for r in children}
+    assert lr["128"] == pytest.approx(lr["64"] * math.sqrt(2))
+    # tidy table: one row per run, the factor typed, metrics from MLflow
+    table = pd.read_parquet(out.files["results"])
+    assert len(table) == 4 and sorted(table["train.batch_size"]) == [64, 64, 128, 128]
+    assert table["epochs"].tolist() == [2] * 4
+    assert table["init_knn_top1"].notna().all()  # the epoch-0 baseline reached MLflow
+    assert (table["final_knn_top1"] > 10).all() and (table["views_per_s"] > 0).all()
+    summary = pd.read_parquet(out.files["summary"])
+    assert summary["n"].tolist() == [2, 2]
+    for _, row in summary.iterrows():
+        cell = table[table["train.batch_size"] == row["train.batch_size"]]
+        assert row["mean"] == pytest.approx(cell["final_knn_top1"].mean())
+    logged = {a.path for a in c.list_artifacts(out.parent_run_id, "analysis")}
+    for f in out.files.values():
+        assert f"analysis/{f.name}" in logged
+        assert f.stat().st_size > 0
+    assert out.files["vs_factor"].read_bytes()[:4] == b"\x89PNG"
