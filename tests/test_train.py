@@ -1,6 +1,7 @@
 """The local trainer: it learns, checkpoints, resumes exactly, and runs the GPU paths on CPU."""
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -97,6 +98,24 @@ def test_checkpoints_atomic_pruned_and_weights_only(tmp_path):
     assert good.read_bytes() == before
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux /dev/full")
+def test_disk_full_is_a_clear_error_and_the_last_checkpoint_survives(tmp_path):
+    """A real ENOSPC from the kernel: epoch 2's temp file is /dev/full, which is always full."""
+    cfg = tiny_config("simclr", train={"epochs": 2})
+    (tmp_path / "checkpoints").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "epoch_0002.pt.tmp").symlink_to("/dev/full")
+    with pytest.raises(CheckpointError, match=r"epoch_0002.pt: .*No space left on device"):
+        train(cfg, run_dir=tmp_path)
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["epoch_0001.pt"]  # the temp file is gone, the previous checkpoint kept
+    assert load_checkpoint(tmp_path / "checkpoints" / "epoch_0001.pt")["epoch"] == 1
+    # space again: --resume continues from epoch 1 and ends as the uninterrupted run does
+    resumed = train(cfg, run_dir=tmp_path, resume=True)
+    straight = train(cfg, run_dir=tmp_path / "straight")
+    assert resumed.final["loss"] == straight.final["loss"]
+    assert resumed.final["knn_top1"] == straight.final["knn_top1"]
+
+
 def test_resume_refuses_a_different_config(tmp_path):
     train(tiny_config("simclr"), run_dir=tmp_path)
     other = tiny_config("simclr", method={"temperature": 0.1})
@@ -137,6 +156,14 @@ def test_divergence_stops_with_a_clear_error(tmp_path):
     cfg = tiny_config("simclr", optim={"lr": 1e30, "name": "sgd"}, train={"epochs": 2})
     with pytest.raises(DivergenceError, match="loss is"):
         train(cfg, run_dir=tmp_path)
+
+
+def test_max_loss_guard_aborts_within_one_log_interval(tmp_path):
+    # 256 images at batch 16 = 16 steps per epoch; the guard looks every 4 steps
+    cfg = tiny_config("simclr", train={"batch_size": 16, "log_every": 4, "max_loss": 0.5})
+    with pytest.raises(DivergenceError, match=r"train.max_loss=0.5 at epoch 1, step 4/16"):
+        train(cfg, run_dir=tmp_path)
+    assert not (tmp_path / "checkpoints").exists()  # stopped before the epoch ended
 
 
 def test_same_seed_same_result(tmp_path):

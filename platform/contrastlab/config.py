@@ -292,6 +292,12 @@ class TrainConfig(_Strict):
     compile: bool = Field(False, description="torch.compile the backbone, fall back on failure")
     compile_backend: str = Field("inductor", description="torch.compile backend")
     grad_clip: float | None = Field(None, gt=0)
+    max_loss: float | None = Field(
+        None,
+        gt=0,
+        description="abort (DivergenceError) when the epoch's running mean loss exceeds it; "
+        "checked with the NaN/inf guard every log_every steps",
+    )
     deterministic: bool = Field(True, description="deterministic algorithms (CPU exact repeat)")
     output_dir: str = Field("runs", description="parent directory of run directories")
     run_name: str | None = Field(None, description="run directory name (default: time stamp)")
@@ -385,7 +391,7 @@ def _resolve_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(method, dict):
         raise ConfigError(f"'method' must be a mapping with a 'name' key, got {method!r}")
     name = method.setdefault("name", "simclr")
-    if name not in METHOD_CONFIGS:
+    if not isinstance(name, str) or name not in METHOD_CONFIGS:
         raise ConfigError(
             f"method.name: unknown method {name!r}; allowed: {sorted(METHOD_CONFIGS)}"
         )
@@ -406,7 +412,7 @@ def _resolve_defaults(raw: dict[str, Any]) -> dict[str, Any]:
         "emp_ssl" if name == "emp_ssl" else "digits" if dataset == "digits" else "simclr"
     )
     recipe = augment.setdefault("recipe", default_recipe)
-    if recipe not in AUGMENT_RECIPES:
+    if not isinstance(recipe, str) or recipe not in AUGMENT_RECIPES:
         raise ConfigError(
             f"augment.recipe: unknown recipe {recipe!r}; allowed: {sorted(AUGMENT_RECIPES)}"
         )

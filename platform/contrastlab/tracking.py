@@ -61,9 +61,48 @@ def default_artifact_location(uri: str) -> str | None:
     return None
 
 
+def credentials_file() -> Path:
+    """Where MLflow's client reads a username/password (ini section ``[mlflow]``)."""
+    return Path(os.path.expanduser("~/.mlflow/credentials"))
+
+
+def check_credentials() -> None:
+    """Refuse a credentials file that others can read (as ssh does with a private key).
+
+    Credentials reach MLflow's client from ``MLFLOW_TRACKING_USERNAME`` /
+    ``MLFLOW_TRACKING_PASSWORD`` in the environment of the processes (on a cluster: of
+    ``ray start``), or from ``~/.mlflow/credentials``; never from a job's ``runtime_env``,
+    whose variables ``ray job list`` shows to anyone with dashboard access.
+    """
+    path = credentials_file()
+    if path.is_file() and path.stat().st_mode & 0o077:
+        raise TrackingError(
+            f"{path} holds MLflow credentials but is readable by other users "
+            f"(mode {path.stat().st_mode & 0o777:o}); run: chmod 600 {path}"
+        )
+
+
+def _check_authorised(uri: str) -> None:
+    """One cheap authenticated call: a server with an auth app refuses missing credentials."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client(uri).search_experiments(max_results=1)
+    except MlflowException as e:
+        text = str(e)
+        if "401" in text or "403" in text or "nauthori" in text or "ermission" in text:
+            raise TrackingError(
+                f"MLflow server {uri} refused the credentials ({text.splitlines()[0][:200]}); "
+                "set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD in the environment or "
+                f"write them to {credentials_file()} (mode 600)"
+            ) from None
+        raise
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, before any trial runs, if the tracking store cannot be used."""
     if uri.startswith(("http://", "https://")):
+        check_credentials()
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
                 if r.status != 200:
@@ -73,6 +112,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
                 f"MLflow server {uri} is unreachable ({e}); start it or set "
                 "MLFLOW_TRACKING_URI / --tracking-uri to a reachable store"
             ) from None
+        _check_authorised(uri)
     elif uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///") :]).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):

@@ -14,9 +14,12 @@ A run directory holds::
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -92,11 +95,22 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
-        torch.save(state, tmp)
+        # serialise in memory first: torch's zip writer turns a full disk into an opaque
+        # "unexpected pos" error, a plain write gives the OS's own (ENOSPC, EDQUOT, ...)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except Exception as e:  # disk full, permissions, unpicklable state: all fatal, all named
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write checkpoint {path}: {e}") from e
+        free = ""
+        if isinstance(e, OSError):
+            with contextlib.suppress(OSError):
+                free = f" ({shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there)"
+        raise CheckpointError(f"could not write checkpoint {path}: {e}{free}") from e
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -390,21 +404,33 @@ class Trainer:
             for k, v in metrics.items():
                 sums[k] = sums[k] + v if k in sums else v.clone()
             if (i + 1) % t.log_every == 0 or i + 1 == self.steps_per_epoch:
-                bar.set_postfix(loss=f"{(sums['loss'] / (i + 1)).item():.4f}", lr=f"{lr:.3g}")
+                running = (sums["loss"] / (i + 1)).item()  # the one host sync per interval
+                self._guard(running, i + 1)
+                bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.3g}")
             bar.update(1)
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         out = {k: all_reduce_mean(v / self.steps_per_epoch).item() for k, v in sums.items()}
-        if not math.isfinite(out["loss"]):
-            raise DivergenceError(
-                f"loss is {out['loss']} in epoch {self.epoch + 1} (method {cfg.method.name}); "
-                "try a higher temperature or a lower optim.lr"
-            )
+        self._guard(out["loss"], self.steps_per_epoch)
         views_per_epoch = self.steps_per_epoch * t.batch_size * self.method.n_views
         out.update(lr=lr, epoch_time_s=elapsed, views_per_s=views_per_epoch / elapsed)
         return out
+
+    def _guard(self, loss: float, step: int) -> None:
+        """Stop at once on a NaN/inf loss, or one above ``train.max_loss``."""
+        t, name = self.cfg.train, self.cfg.method.name
+        where = f"epoch {self.epoch + 1}, step {step}/{self.steps_per_epoch} (method {name})"
+        if not math.isfinite(loss):
+            raise DivergenceError(
+                f"loss is {loss} at {where}; try a higher temperature or a lower optim.lr"
+            )
+        if t.max_loss is not None and loss > t.max_loss:
+            raise DivergenceError(
+                f"loss is {loss:.4g} > train.max_loss={t.max_loss:g} at {where}; "
+                "the run is aborted as diverging"
+            )
 
     def fit(self, resume: bool = False) -> TrainResult:
         """Train for ``train.epochs`` epochs (continuing from a checkpoint if ``resume``)."""

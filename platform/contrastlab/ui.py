@@ -8,6 +8,7 @@ profile.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -53,9 +54,18 @@ def free_port() -> int:
 
 @contextmanager
 def mlflow_server(
-    backend_uri: str, artifacts: str | Path, port: int | None = None, timeout_s: float = 90
+    backend_uri: str,
+    artifacts: str | Path,
+    port: int | None = None,
+    timeout_s: float = 90,
+    extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> Iterator[str]:
-    """Run ``mlflow server`` on 127.0.0.1 for the ``with`` block; yields its URL."""
+    """Run ``mlflow server`` on 127.0.0.1 for the ``with`` block; yields its URL.
+
+    ``extra_args`` go to the command line (e.g. ``--app-name basic-auth``, ``--allowed-hosts``),
+    ``env`` is added to the server's environment only (e.g. the auth app's admin password).
+    """
     port = port or free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
     cmd = [
@@ -71,19 +81,28 @@ def mlflow_server(
         str(port),
         "--workers",
         "1",
+        *extra_args,
     ]
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
         try:
             _wait_healthy(url, proc, log, timeout_s)
             yield url
         finally:
-            os.killpg(proc.pid, 15)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 15)
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 9)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log, timeout_s: float) -> None:
