@@ -354,6 +354,17 @@ class Config(_Strict):
         """``{"method.temperature": 0.5, ...}``: one entry per leaf, for trackers."""
         return dict(_flatten(self.to_dict()))
 
+    def tracked_params(self) -> dict[str, Any]:
+        """:meth:`flat` without the fields that only say where outputs go or how progress is
+        shown (:data:`UNTRACKED`): they never change results, and as per-trial paths they
+        would make every MLflow comparison list them as differences. The resolved config
+        artifact keeps them."""
+        return {k: v for k, v in self.flat().items() if k not in UNTRACKED}
+
+
+UNTRACKED = ("train.output_dir", "train.run_name", "train.progress")
+"""Config fields that do not change results (see :meth:`Config.tracked_params`)."""
+
 
 def _plain(x: Any) -> Any:
     if isinstance(x, dict):

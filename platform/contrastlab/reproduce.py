@@ -303,7 +303,7 @@ def _log(uri, original, cfg: Config, history, rep: Reproduction, workers: int, w
         },
     )
     rid = run.info.run_id
-    tracking.log_params(uri, rid, cfg.flat())
+    tracking.log_params(uri, rid, cfg.tracked_params())
     for h in history:
         tracking.log_metrics(uri, rid, h, step=int(h["epoch"]))
     c.log_text(rid, cfg.to_yaml(), "config.yaml")

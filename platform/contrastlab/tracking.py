@@ -266,8 +266,29 @@ def child_runs(uri: str, exp_id: str, parent_id: str) -> list[Any]:
     )
 
 
+def undelivered(
+    uri: str, run_id: str, pending: list[tuple[int, dict[str, float]]]
+) -> list[tuple[int, dict[str, float]]]:
+    """The pending epochs the server does not hold yet (a request whose answer was lost may
+    have been stored all the same)."""
+    c = client(uri)
+    seen: dict[str, set[int]] = {}
+    keep = []
+    for epoch, metrics in pending:
+        key = next((k for k in metrics if k != "epoch"), None)
+        if key is not None and key not in seen:
+            seen[key] = {m.step for m in c.get_metric_history(run_id, key)}
+        if key is None or epoch not in seen[key]:
+            keep.append((epoch, metrics))
+    return keep
+
+
 class TrialRun:
-    """The child run of one trial (created once, reopened when the trial restarts)."""
+    """The child run of one trial (created once, reopened when the trial restarts).
+
+    Metrics that cannot be sent (the server is down) are kept, written to ``spool`` so that a
+    person can see exactly what is missing, and sent with the next successful call.
+    """
 
     def __init__(
         self,
@@ -278,6 +299,7 @@ class TrialRun:
         trial_name: str,
         params: Mapping[str, Any],
         tags: Mapping[str, str] | None = None,
+        spool: Path | None = None,
     ) -> None:
         self.uri = uri
         c = client(uri)
@@ -294,9 +316,54 @@ class TrialRun:
         else:  # a restarted trial continues its own run
             self.run_id = existing
             c.update_run(self.run_id, status="RUNNING")
+        # epochs already in MLflow: a restarted trial re-trains them from its last checkpoint
+        # (bit for bit on CPU) and must not log them twice
+        hist = c.get_metric_history(self.run_id, "loss") if not self.created else []
+        self.logged_through = max((m.step for m in hist), default=-1)
+        self.pending: list[tuple[int, dict[str, float]]] = []
+        self.spool = spool
+        self._uncertain = False
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        log_metrics(self.uri, self.run_id, metrics, step=epoch)
+        """Log one epoch's metrics; while the server is unreachable they wait in ``pending``
+        (and in the spool file) and go out, in order, with the next call that succeeds."""
+        if epoch <= self.logged_through and epoch > 0:
+            return
+        self.pending.append((epoch, dict(metrics)))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send the pending epochs; False (and they stay pending) if the store is down."""
+        try:
+            if self._uncertain and self.pending:
+                self._drop_delivered()
+            while self.pending:
+                epoch, metrics = self.pending[0]
+                log_metrics(self.uri, self.run_id, metrics, step=epoch)
+                self.pending.pop(0)
+                self.logged_through = max(self.logged_through, epoch)
+        except Exception as e:  # connection refused, timeouts, 5xx after retries
+            # a request that failed on the way back may still have been stored
+            self._uncertain = True
+            self._spool(f"{type(e).__name__}: {str(e)[:300]}")
+            return False
+        self._uncertain = False
+        self._spool(None)
+        return True
+
+    def _drop_delivered(self) -> None:
+        self.pending = undelivered(self.uri, self.run_id, self.pending)
+
+    def _spool(self, error: str | None) -> None:
+        if self.spool is None:
+            return
+        if not self.pending:
+            self.spool.unlink(missing_ok=True)
+            return
+        self.spool.parent.mkdir(parents=True, exist_ok=True)
+        self.spool.write_text(
+            json.dumps({"run_id": self.run_id, "error": error, "pending": self.pending}, indent=1)
+        )
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         client(self.uri).log_artifact(self.run_id, str(path), folder)

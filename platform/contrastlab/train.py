@@ -438,8 +438,11 @@ class Trainer:
         resumed = self.resume() if resume else False
         if self.is_main:
             self._write_run_files()
-        if not resumed and self.is_main:
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if self.is_main:
+            # the file holds exactly the checkpoint's history: epochs trained after the last
+            # checkpoint by an interrupted attempt are trained again, not listed twice
+            lines = "".join(json.dumps(h) + "\n" for h in self.history) if resumed else ""
+            (self.run_dir / "metrics.jsonl").write_text(lines)
         if not resumed and cfg.eval.knn_every > 0 and cfg.eval.knn_at_init and self.is_main:
             t0 = time.perf_counter()
             init = {"epoch": 0, **self.evaluate_knn()}

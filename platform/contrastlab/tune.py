@@ -172,9 +172,7 @@ def _report_hook(
                 run.log_epoch(0, init)
             run.log_epoch(epoch, metrics)
             if epoch == epochs:
-                if ckpt is not None:
-                    run.log_artifact(ckpt, "checkpoint")
-                run.end("FINISHED")
+                _close_run(run, ckpt)
         if ckpt is None:
             report_fn(dict(metrics))
             return
@@ -185,27 +183,65 @@ def _report_hook(
     return hook
 
 
+OUTAGE_WAIT_S = float(os.environ.get("CONTRASTLAB_MLFLOW_OUTAGE_WAIT_S", "120"))
+"""How long a finishing trial waits for an unreachable MLflow server before giving up on it."""
+PENDING_FILE = "mlflow_pending.json"
+
+
+def _close_run(run: tracking.TrialRun, ckpt: Path | None) -> None:
+    """Send what is pending, the final checkpoint and FINISHED. If the server stays down for
+    :data:`OUTAGE_WAIT_S`, say exactly what is missing and let training end normally: the
+    driver sends the spooled metrics and settles the run state once it can."""
+    deadline = time.monotonic() + OUTAGE_WAIT_S
+    delay = 1.0
+    while not run.flush() and time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 2, 15.0)
+    if run.pending:
+        print(
+            f"contrastlab: MLflow unreachable: epochs {[e for e, _ in run.pending]} of run "
+            f"{run.run_id} are not logged yet; they wait in {run.spool}",
+            flush=True,
+        )
+        return
+    try:
+        if ckpt is not None:
+            run.log_artifact(ckpt, "checkpoint")
+        run.end("FINISHED")
+    except Exception as e:  # the server went away between the flush and here
+        print(f"contrastlab: MLflow: could not close run {run.run_id}: {e}", flush=True)
+
+
 def torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
 
 
-def _open_run(settings: SweepSettings, trial_id: str, trial_name: str, cfg) -> tracking.TrialRun:
+def _open_run(
+    settings: SweepSettings, trial_id: str, trial_name: str, cfg, run_dir: Path
+) -> tracking.TrialRun:
+    # a trial must not stall for minutes in MLflow's retry loop while the server is down:
+    # it keeps training and spools (see TrialRun); the user's own settings win
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     run = tracking.TrialRun(
         settings.tracking_uri,
         settings.experiment_id,
         settings.parent_run_id,
         trial_id,
         trial_name,
-        cfg.flat(),
+        cfg.tracked_params(),
         tags={
             tracking.SWEEP_TAG: settings.name,
             "contrastlab.method": cfg.method.name,
             # float reduction order depends on it: `contrastlab reproduce` uses it again
             "contrastlab.torch_threads": str(torch_threads()),
             "contrastlab.workers": str(settings.space.resources.workers),
+            # the code this trial ran (an editable install changes under a running sweep)
+            "contrastlab.source_sha256": tracking.source_digest(),
         },
+        spool=run_dir / PENDING_FILE,
     )
     if run.created:
         run.log_text(cfg.to_yaml(), "config.yaml")  # the resolved config, to reproduce from
@@ -227,7 +263,7 @@ def _train_trial(
     from contrastlab.train import train
 
     resumed = _restore_checkpoint(ckpt, run_dir)
-    run = _open_run(settings, trial_id, trial_name, cfg) if is_main else None
+    run = _open_run(settings, trial_id, trial_name, cfg, run_dir) if is_main else None
     hook = _report_hook(report_fn, checkpoint_cls, run, is_main, cfg.train.epochs, run_dir)
     try:
         train(cfg, run_dir=run_dir, resume=resumed, hooks=[hook])
@@ -364,6 +400,7 @@ def _settle_mlflow(settings: SweepSettings, results) -> list[dict[str, Any]]:
                 "params": r.config,
             }
         )
+    _send_spooled(settings)
     # runs no result accounts for (a trial that died before reporting) must not stay RUNNING
     for run in runs.values():
         if run.info.status == "RUNNING":
@@ -526,6 +563,28 @@ def finish_sweep(settings: SweepSettings, results, started: float) -> SweepOutco
     c.set_tag(parent_id, "contrastlab.trials", json.dumps({"total": len(rows), "failed": failed}))
     c.set_terminated(parent_id, "FINISHED")
     return outcome
+
+
+def _send_spooled(settings: SweepSettings) -> None:
+    """Metrics a trial could not send while MLflow was down (its spool file), sent now."""
+    exp_dir = Path(_experiment_dir(settings.storage_path, settings.name))
+    if "://" in settings.storage_path or not exp_dir.is_dir():
+        return
+    c = tracking.client(settings.tracking_uri)
+    for spool in sorted(exp_dir.glob(f"*/run/{PENDING_FILE}")):
+        # the file may be a synced copy from before the trial itself got through: send only
+        # what the server lacks
+        data = json.loads(spool.read_text())
+        missing = tracking.undelivered(
+            settings.tracking_uri, data["run_id"], [(e, m) for e, m in data["pending"]]
+        )
+        for epoch, metrics in missing:
+            tracking.log_metrics(settings.tracking_uri, data["run_id"], metrics, step=epoch)
+        if missing:
+            c.set_tag(
+                data["run_id"], "contrastlab.spooled_epochs", json.dumps([e for e, _ in missing])
+            )
+        spool.unlink()
 
 
 def run_sweep(

@@ -99,7 +99,7 @@ def mlflow_server(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, 15)
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, 9)
