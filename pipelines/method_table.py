@@ -32,7 +32,7 @@ OVERRIDES: dict[str, dict[str, dict]] = {
     "emp_ssl": {"method": {"name": "emp_ssl", "num_patches": 20}},
     # InstDisc: nce_k below the 1347 images; Z re-estimated every batch, because with the
     # paper's first-batch Z the small bank fills with look-alike rows of the young encoder
-    # and NCE collapses (kNN 85.5% -> ~31%); SGD lr 0.03 as upstream's ImageNet script
+    # and NCE collapses (kNN 85.5% -> 22-46%); SGD lr 0.03 as upstream's ImageNet script
     "instdisc": {
         "method": {"name": "instdisc", "nce_k": 1024, "z_estimate": "every_batch"},
         "optim": {"lr": 0.03},
