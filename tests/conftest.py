@@ -23,6 +23,8 @@ def tiny_config(name: str = "simclr", **sections):
         raw["method"]["queue_size"] = 256
     if name == "emp_ssl":
         raw["method"]["num_patches"] = 4
+    if name == "instdisc":
+        raw["method"]["nce_k"] = 64  # < the 256 training images of the tiny config
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return make_config(raw)

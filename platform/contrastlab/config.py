@@ -94,14 +94,70 @@ class EMPSSLConfig(_Strict):
         return self.num_patches
 
 
+class InstDiscConfig(_Strict):
+    """InstDisc (Wu et al. 2018): one view per image against a memory bank of every image.
+
+    ``nce_k > 0``: NCE with ``nce_k`` noise rows per image drawn uniformly from the bank and a
+    constant normaliser Z (``z_estimate``); ``nce_k = 0``: the exact non-parametric softmax
+    over the whole bank. ``nce_k`` must be smaller than the number of training images (checked
+    when the method is built, where that number is known).
+    """
+
+    name: Literal["instdisc"] = "instdisc"
+    temperature: float = Field(0.07, gt=0, description="softmax temperature tau (paper: 0.07)")
+    nce_k: int = Field(
+        4096, ge=0, description="NCE noise samples per image (paper: 4096); 0 = full softmax"
+    )
+    bank_momentum: float = Field(
+        0.5,
+        ge=0.0,
+        lt=1.0,
+        description="bank update v <- normalize(m * v + (1 - m) * f), m in [0, 1) (paper: 0.5)",
+    )
+    z_estimate: Literal["first_batch", "every_batch"] = Field(
+        "first_batch",
+        description="NCE normaliser Z = N * mean exp(v.f / tau) over the noise samples: "
+        "estimated on the first batch and then fixed (paper, upstream), or on every batch",
+    )
+    proximal_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="lambda of the proximal term lambda * ||f_i - v_i||^2 (paper Sec. 3.3, "
+        "no value given for its experiments; upstream omits the term): 0 = off",
+    )
+
+    @property
+    def views_per_sample(self) -> int:
+        return 1
+
+
+class InvaSpreadConfig(_Strict):
+    """Invariance propagation / spreading instance feature (Ye et al. 2019), two views."""
+
+    name: Literal["invaspread"] = "invaspread"
+    temperature: float = Field(0.1, gt=0, description="softmax temperature tau (paper: 0.1)")
+    detach_other: bool = Field(
+        True,
+        description="each similarity f_i . f_j passes gradient to the anchor f_i only; the "
+        "other side is detached (upstream's feat.data); false: to both sides",
+    )
+
+    @property
+    def views_per_sample(self) -> int:
+        return 2
+
+
 MethodConfig = Annotated[
-    SimCLRConfig | SupConConfig | MoCoConfig | EMPSSLConfig, Field(discriminator="name")
+    SimCLRConfig | SupConConfig | MoCoConfig | EMPSSLConfig | InstDiscConfig | InvaSpreadConfig,
+    Field(discriminator="name"),
 ]
 METHOD_CONFIGS: dict[str, type[_Strict]] = {
     "simclr": SimCLRConfig,
     "supcon": SupConConfig,
     "moco": MoCoConfig,
     "emp_ssl": EMPSSLConfig,
+    "instdisc": InstDiscConfig,
+    "invaspread": InvaSpreadConfig,
 }
 
 # --------------------------------------------------------------------------- model
@@ -227,6 +283,10 @@ METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "eval": {"feature": "patch_avg"},
     },
     # MoCo v1: a linear 128-d projection (v2 adds the MLP head); see _resolve_defaults.
+    # InstDisc and InvaSpread: the backbone's fc is one linear layer to 128-d (then L2 norm),
+    # as in both upstream ResNets (lemniscate.pytorch, Unsupervised_Embedding_Learning).
+    "instdisc": {"model": {"head": "linear"}},
+    "invaspread": {"model": {"head": "linear"}},
 }
 
 

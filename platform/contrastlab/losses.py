@@ -19,9 +19,16 @@ Reference implementations the semantics follow (read, not copied):
 * ``total_coding_rate`` / ``emp_ssl_loss``: tsb0601/EMP-SSL ``loss.py`` (``TotalCodingRate``)
   and ``main.py`` (``Similarity_Loss``, ``cal_TCR``, ``chunk_avg``), cross-checked against
   lightly ``lightly/loss/emp_ssl_loss.py``.
+* ``nce_logits`` / ``nce_loss`` / ``nce_log_partition`` / ``instance_softmax_loss`` /
+  ``proximal_loss``: zhirongw/lemniscate.pytorch ``lib/NCEAverage.py``, ``lib/NCECriterion.py``,
+  ``lib/LinearAverage.py`` and the InstDisc paper (arXiv:1805.01978, Sec. 3.2-3.3).
+* ``invaspread_loss``: mangye16/Unsupervised_Embedding_Learning ``BatchAverage.py``
+  (``BatchAverage`` + ``BatchCriterion`` with ``negM = 1``) and arXiv:1904.03436.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +37,13 @@ from torch import Tensor
 __all__ = [
     "emp_ssl_loss",
     "info_nce_loss",
+    "instance_softmax_loss",
+    "invaspread_loss",
+    "nce_log_partition",
+    "nce_logits",
+    "nce_loss",
     "nt_xent_loss",
+    "proximal_loss",
     "supcon_loss",
     "total_coding_rate",
 ]
@@ -302,3 +315,226 @@ def emp_ssl_loss(
 
     loss = -tcr_weight * tcr - invariance_weight * invariance
     return loss, {"tcr": tcr.detach(), "invariance": invariance.detach()}
+
+
+# --------------------------------------------------------------------------- InstDisc
+
+
+def nce_logits(f: Tensor, positives: Tensor, noise: Tensor, temperature: float) -> Tensor:
+    """InstDisc's memory-bank scores ``v . f / T`` for NCE: the own row first, then the noise.
+
+    Args:
+        f: ``[B, D]`` features of the current step. L2-normalised inside.
+        positives: ``[B, D]`` memory-bank row of each image (``v_i^(t-1)``), assumed
+            L2-normalised (the bank stores normalised rows). Detached inside.
+        noise: ``[B, K, D]`` noise rows drawn from the bank for each image, assumed normalised.
+            Detached inside.
+        temperature: ``T`` (> 0).
+
+    Returns:
+        ``[B, 1 + K]`` logits (dtype at least float32), the image's own row at index 0.
+
+    Raises:
+        ValueError: on mismatched shapes or a non-positive temperature.
+    """
+    if f.ndim != 2 or positives.shape != f.shape:
+        raise ValueError(
+            f"f and positives must both be [B, D], got {tuple(f.shape)}, {tuple(positives.shape)}"
+        )
+    if noise.ndim != 3 or noise.shape[0] != f.shape[0] or noise.shape[2] != f.shape[1]:
+        raise ValueError(f"noise must be [{f.shape[0]}, K, {f.shape[1]}], got {tuple(noise.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    f = F.normalize(f, dim=1)
+    l_pos = (f * positives.detach()).sum(dim=1, keepdim=True)  # [B, 1]
+    l_neg = torch.bmm(noise.detach(), f.unsqueeze(2)).squeeze(2)  # [B, K]
+    return torch.cat([_at_least_fp32(l_pos), _at_least_fp32(l_neg)], dim=1) / temperature
+
+
+def nce_log_partition(noise_logits: Tensor, num_data: int) -> Tensor:
+    """Monte Carlo estimate of InstDisc's normaliser, ``log Z``, from uniform noise samples.
+
+    ``Z = sum_j exp(v_j . f / T)`` over all ``n`` bank rows is approximated, as in the paper
+    (Sec. 3.2), by ``n`` times the mean of ``exp(v_j . f / T)`` over the sampled noise rows of
+    every image of the batch::
+
+        log Z = log n + logsumexp(noise_logits) - log(B * K)
+
+    computed in log space (``exp`` of a logit overflows float32 for small temperatures).
+    Upstream (``NCEAverage.py``) averages over the positive column too; the paper's estimator,
+    used here, averages over the noise samples only. The result is not detached: callers that
+    treat Z as a constant (everyone) detach it.
+
+    Args:
+        noise_logits: ``[B, K]`` logits of the noise samples (columns ``1:`` of ``nce_logits``).
+        num_data: ``n``, the number of bank rows (training images).
+
+    Returns:
+        Scalar ``log Z``.
+    """
+    if noise_logits.ndim != 2 or noise_logits.numel() == 0:
+        raise ValueError(
+            f"noise_logits must be a non-empty [B, K], got {tuple(noise_logits.shape)}"
+        )
+    x = _at_least_fp32(noise_logits)
+    return math.log(num_data) + torch.logsumexp(x.flatten(), dim=0) - math.log(x.numel())
+
+
+def nce_loss(logits: Tensor, log_z: Tensor | float, num_data: int) -> Tensor:
+    """InstDisc's NCE loss (paper Sec. 3.2, upstream ``NCECriterion``) with uniform noise.
+
+    With ``P(j | f) = exp(logits_j) / Z``, noise density ``P_n = 1 / n`` and ``K`` noise
+    samples, the posterior that a pair came from the data is ``h = P / (P + K * P_n)``::
+
+        loss = -1/B * sum_b [ log h(pos_b) + sum_{k=1..K} log(1 - h(noise_bk)) ]
+
+    Evaluated in log space, ``log h = s - logaddexp(s, log(K / n))`` and
+    ``log(1 - h) = log(K / n) - logaddexp(s, log(K / n))`` with ``s = logit - log Z``. That is
+    exact and needs no ``eps``; upstream adds ``1e-7`` to each denominator, a change of the
+    value by about ``1e-7 * n / K`` relative.
+
+    Args:
+        logits: ``[B, 1 + K]`` from :func:`nce_logits` (positive at index 0), ``K >= 1``.
+        log_z: ``log Z``, a constant (a float or a scalar tensor, detached inside).
+        num_data: ``n``, the number of training images (bank rows).
+
+    Returns:
+        Scalar loss (dtype at least float32).
+
+    Raises:
+        ValueError: if there is no noise column or ``num_data < 1``.
+    """
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(f"logits must be [B, 1 + K] with K >= 1, got {tuple(logits.shape)}")
+    if num_data < 1:
+        raise ValueError(f"num_data must be >= 1, got {num_data}")
+    k = logits.shape[1] - 1
+    if isinstance(log_z, Tensor):
+        log_z = log_z.detach()
+    s = _at_least_fp32(logits) - log_z  # [B, 1 + K] log P(j | f)
+    log_kpn = torch.full_like(s, math.log(k / num_data))  # log(K * P_n)
+    log_denom = torch.logaddexp(s, log_kpn)  # log(P + K * P_n)
+    log_h_pos = s[:, 0] - log_denom[:, 0]  # [B]
+    log_1m_h_noise = log_kpn[:, 1:] - log_denom[:, 1:]  # [B, K]
+    return -(log_h_pos.sum() + log_1m_h_noise.sum()) / logits.shape[0]
+
+
+def instance_softmax_loss(
+    f: Tensor, bank: Tensor, index: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """InstDisc's exact non-parametric softmax over the whole memory bank (paper Sec. 3.1).
+
+    ``P(i | f) = exp(v_i . f / T) / sum_j exp(v_j . f / T)`` over all ``n`` rows; the loss is
+    ``-mean_b log P(index_b | f_b)``. The bank is detached (it is not a parameter: upstream's
+    ``LinearAverage`` returns no gradient for it).
+
+    Args:
+        f: ``[B, D]`` features. L2-normalised inside.
+        bank: ``[n, D]`` memory bank, assumed L2-normalised.
+        index: ``[B]`` bank row of each image (the target class).
+        temperature: ``T`` (> 0).
+
+    Returns:
+        ``(loss, logits)``: scalar loss and ``[B, n]`` logits, dtype at least float32.
+    """
+    if f.ndim != 2 or bank.ndim != 2 or bank.shape[1] != f.shape[1]:
+        raise ValueError(
+            f"f must be [B, D] and bank [n, D], got {tuple(f.shape)}, {tuple(bank.shape)}"
+        )
+    if index.shape != (f.shape[0],):
+        raise ValueError(f"index must have shape [{f.shape[0]}], got {tuple(index.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = _at_least_fp32(F.normalize(f, dim=1) @ bank.detach().T) / temperature  # [B, n]
+    return F.cross_entropy(logits, index), logits
+
+
+def proximal_loss(f: Tensor, previous: Tensor) -> Tensor:
+    """InstDisc's proximal term ``mean_b ||f_b - v_b||^2`` (paper Sec. 3.3, without lambda).
+
+    ``v_b`` is the image's memory-bank row from before this step (``v_i^(t-1)``), so the term
+    pulls the new feature towards it; it is detached. For unit vectors it equals
+    ``2 - 2 f_b . v_b``.
+
+    Args:
+        f: ``[B, D]`` features. L2-normalised inside.
+        previous: ``[B, D]`` bank rows of the same images, assumed L2-normalised.
+
+    Returns:
+        Scalar (dtype at least float32).
+    """
+    if f.ndim != 2 or previous.shape != f.shape:
+        raise ValueError(
+            f"f and previous must both be [B, D], got {tuple(f.shape)}, {tuple(previous.shape)}"
+        )
+    diff = _at_least_fp32(F.normalize(f, dim=1)) - _at_least_fp32(previous.detach())
+    return diff.pow(2).sum(dim=1).mean()
+
+
+# --------------------------------------------------------------------------- InvaSpread
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, accurate at both ends (Maechler 2012)."""
+    # Each branch only sees inputs from its own side of -log 2, so the branch torch.where
+    # discards never produces an inf whose zero gradient would turn into NaN.
+    cut = -math.log(2.0)
+    near_zero = torch.log(-torch.expm1(x.clamp(min=cut)))
+    far = torch.log1p(-torch.exp(x.clamp(max=cut)))
+    return torch.where(x > cut, near_zero, far)
+
+
+def invaspread_loss(z: Tensor, temperature: float, detach_other: bool = True) -> Tensor:
+    """Invariant and spreading instance feature loss (Ye et al. 2019), every view an anchor.
+
+    The ``2B`` embeddings are flattened view-major (row ``v * B + b``) and L2-normalised. For
+    anchor ``i`` with positive ``p(i)`` (the other view of the same image) and the softmax over
+    every other embedding of the batch::
+
+        P_ij = exp(f_i . f_j / T) / sum_{k != i} exp(f_i . f_k / T)
+        loss = -1/(2B) * sum_i [ log P_i,p(i) + sum_{j not in {i, p(i)}} log(1 - P_ij) ]
+
+    Following upstream ``BatchAverage`` / ``BatchCriterion`` (``negM = 1``): every one of the
+    ``2B`` rows is an anchor, its denominator runs over all ``2B - 1`` others (both views of
+    the other images and its positive), and the sum is divided by ``2B``. (The paper writes
+    the softmaxes over the ``B`` features of the un-augmented images only, with the augmented
+    view as the only anchor of the positive term; upstream, and this function, symmetrise.)
+    ``log(1 - P)`` is evaluated as ``log1mexp(log P)``, without upstream's cancellation when
+    ``P`` is near 1.
+
+    ``detach_other``: upstream computes every product ``f_i . f_j`` against ``feat.data``, so
+    gradient reaches only the anchor side ``f_i`` of each similarity; ``False`` lets it reach
+    both sides (the loss value is the same, the gradient is not).
+
+    Args:
+        z: ``[2, B, D]`` embeddings of two views of ``B`` images, view-major, ``B >= 2``.
+        temperature: softmax temperature ``T`` (> 0).
+        detach_other: stop the gradient through the non-anchor side (upstream behaviour).
+
+    Returns:
+        Scalar loss (dtype at least float32).
+
+    Raises:
+        ValueError: if ``z`` is not ``[2, B, D]`` with ``B >= 2``, or ``temperature <= 0``.
+    """
+    if z.ndim != 3 or z.shape[0] != 2 or z.shape[1] < 2:
+        raise ValueError(f"z must be [2, B, D] with B >= 2, got shape {tuple(z.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    batch = z.shape[1]
+    n = 2 * batch
+    feats = F.normalize(z.reshape(n, -1), dim=1)
+    other = feats.detach() if detach_other else feats
+    logits = _at_least_fp32(feats @ other.T) / temperature  # [2B, 2B], row i = anchor i
+    rows = torch.arange(n, device=z.device)
+    self_mask = rows[:, None] == rows[None, :]
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_p = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # [2B, 2B], -inf on diagonal
+    pos = (rows + batch) % n  # the other view of the same image
+    log_p_pos = log_p[rows, pos]  # [2B]
+    neg_mask = ~self_mask
+    neg_mask[rows, pos] = False
+    # Diagonal entries are -inf; replace them before log1mexp so no inf meets the gradient.
+    safe = torch.where(neg_mask, log_p, torch.full_like(log_p, -1.0))
+    log_1m_p = torch.where(neg_mask, _log1mexp(safe), torch.zeros_like(log_p))
+    return -(log_p_pos.sum() + log_1m_p.sum()) / n

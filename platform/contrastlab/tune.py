@@ -64,6 +64,7 @@ _SMOKE_FIXED = (
     "method.queue_size",
     "method.num_patches",
     "method.contrast_count",
+    "method.nce_k",
     "method.n_views",
     "eval.",
 )
@@ -78,6 +79,7 @@ _SMOKE_METHOD: dict[str, dict[str, Any]] = {
     "moco": {"queue_size": 256},
     "emp_ssl": {"num_patches": 4},
     "supcon": {"contrast_count": 2},
+    "instdisc": {"nce_k": 64},  # below the 256 smoke training images
 }
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from contrastlab.config import Config
 from contrastlab.methods.base import Method
 from contrastlab.methods.emp_ssl import EMPSSL
+from contrastlab.methods.instdisc import InstDisc
+from contrastlab.methods.invaspread import InvaSpread
 from contrastlab.methods.moco import MoCo
 from contrastlab.methods.simclr import SimCLR
 from contrastlab.methods.supcon import SupCon
@@ -15,6 +17,8 @@ METHODS: dict[str, type[Method]] = {
     "supcon": SupCon,
     "moco": MoCo,
     "emp_ssl": EMPSSL,
+    "instdisc": InstDisc,
+    "invaspread": InvaSpread,
 }
 
 
