@@ -311,8 +311,8 @@ def _raise_ab(where: str, errs: list[str]) -> None:
 
 def _parse_seeds(seeds: Any, errs: list[str]) -> list[int] | None:
     if isinstance(seeds, int) and not isinstance(seeds, bool):
-        if seeds < 1:
-            errs.append(f"seeds: a count must be >= 1, got {seeds}")
+        if not 1 <= seeds <= MAX_RUNS:
+            errs.append(f"seeds: a count must be in [1, {MAX_RUNS}], got {seeds}")
             return None
         return list(range(seeds))
     if (
