@@ -63,6 +63,8 @@ _SMOKE_FIXED = (
     "method.num_patches",
     "method.contrast_count",
     "method.n_views",
+    "method.prediction_steps",  # CPC: the 16 px smoke images make a 3-row patch grid
+    "method.skip_steps",
     "eval.",
 )
 _SMOKE_BASE: dict[str, Any] = {
@@ -76,6 +78,7 @@ _SMOKE_METHOD: dict[str, dict[str, Any]] = {
     "moco": {"queue_size": 256},
     "emp_ssl": {"num_patches": 4},
     "supcon": {"contrast_count": 2},
+    "cpc": {"prediction_steps": 2, "skip_steps": 0, "context_layers": 2, "context_hidden_dim": 32},
 }
 
 

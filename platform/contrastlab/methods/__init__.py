@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from contrastlab.config import Config
 from contrastlab.methods.base import Method
+from contrastlab.methods.cmc import CMC
+from contrastlab.methods.cpc import CPC
 from contrastlab.methods.emp_ssl import EMPSSL
 from contrastlab.methods.moco import MoCo
 from contrastlab.methods.simclr import SimCLR
@@ -15,6 +17,8 @@ METHODS: dict[str, type[Method]] = {
     "supcon": SupCon,
     "moco": MoCo,
     "emp_ssl": EMPSSL,
+    "cmc": CMC,
+    "cpc": CPC,
 }
 
 
