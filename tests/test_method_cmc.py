@@ -219,6 +219,9 @@ def test_cmc_builds_one_encoder_per_view_and_concatenates_features():
     assert feats.shape == (4, m.feature_dim) and m.feature_dim == 3 * 16  # width 8 halved, x4
     parts = m.backbone.split(x)
     assert torch.equal(feats[:, 16:32], m.backbone.encoders[1](parts[1]))
+    # one crop per view: view v's features depend on crop v only
+    crops = torch.stack([x, torch.rand_like(x), torch.rand_like(x)])
+    assert torch.equal(m.backbone(crops)[:, :16], feats[:, :16])
 
 
 def test_cmc_separate_crops_draw_one_crop_per_view():

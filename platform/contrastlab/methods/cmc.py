@@ -49,28 +49,39 @@ class ColorViewsBackbone(nn.Module):
         encoders: one encoder per view, taking ``len(group)`` input channels.
         groups: channel indices of each view in the converted image.
         colorspace: ``lab``, ``ycbcr`` or ``rgb`` (see ``colorspace.to_colorspace``).
+        dims: feature width of each encoder.
     """
 
     def __init__(
-        self, encoders: list[nn.Module], groups: tuple[tuple[int, ...], ...], colorspace: str
+        self,
+        encoders: list[nn.Module],
+        groups: tuple[tuple[int, ...], ...],
+        colorspace: str,
+        dims: list[int],
     ) -> None:
         super().__init__()
         self.encoders = nn.ModuleList(encoders)
         self.groups = [list(g) for g in groups]
         self.colorspace = colorspace
+        self.dims = list(dims)
 
     def split(self, rgb: torch.Tensor) -> list[torch.Tensor]:
         """[N, 3, H, W] RGB -> one [N, len(group), H, W] tensor per view."""
         x = to_colorspace(rgb, self.colorspace)
         return [x[:, g] for g in self.groups]
 
-    def encode(self, v: int, x: torch.Tensor) -> torch.Tensor:
-        """[N, len(groups[v]), H, W] channels of view v -> [N, F_v] features."""
-        return self.encoders[v](x)
-
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
-        # [N, 3, H, W] -> [N, sum_v F_v]
-        return torch.cat([self.encode(v, x) for v, x in enumerate(self.split(rgb))], dim=1)
+        """Concatenated features of all views: ``[N, sum_v F_v]``.
+
+        Args:
+            rgb: ``[N, 3, H, W]`` images (every view is cut from the same image), or
+                ``[V, N, 3, H, W]``, one crop per view (view ``v``'s channels from ``rgb[v]``).
+        """
+        if rgb.ndim == 5:
+            parts = [self.split(crop)[v] for v, crop in enumerate(rgb)]
+        else:
+            parts = self.split(rgb)
+        return torch.cat([enc(x) for enc, x in zip(self.encoders, parts, strict=True)], dim=1)
 
 
 class CMC(Method):
@@ -91,18 +102,16 @@ class CMC(Method):
             encoders.append(enc)
             heads.append(head)
             dims.append(dim)
-        self.backbone = ColorViewsBackbone(encoders, m.views, m.colorspace)
+        self.backbone = ColorViewsBackbone(encoders, m.views, m.colorspace, dims)
         self.head = nn.ModuleList(heads)
         self.feature_dim = sum(dims)
 
     def embed(self, views: torch.Tensor) -> torch.Tensor:
         """[n_views, B, 3, H, W] RGB crops -> [V, B, proj_dim], V = number of channel groups."""
-        bb = self.backbone
-        if self.shared_crop:
-            parts = bb.split(views[0])
-        else:  # view v's channels come from crop v
-            parts = [bb.split(views[v])[v] for v in range(len(bb.groups))]
-        return torch.stack([self.head[v](bb.encode(v, x)) for v, x in enumerate(parts)])
+        # through the backbone's forward, so that train.compile covers training too
+        feats = self.backbone(views[0] if self.shared_crop else views)  # [B, sum_v F_v]
+        parts = feats.split(self.backbone.dims, dim=1)
+        return torch.stack([head(f) for head, f in zip(self.head, parts, strict=True)])
 
     def training_step(self, views, labels, index):  # type: ignore[override]
         z = self.embed(views).float()  # [V, B, D]; loss in fp32 under autocast

@@ -68,9 +68,10 @@ class PatchGridBackbone(nn.Module):
         z = self.encoder(patches.reshape(n * gh * gw, *patches.shape[3:]))  # [N*Gh*Gw, F]
         return z.view(n, gh, gw, -1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # [N, 3, H, W] -> [N, F]: the mean patch encoding
-        return self.grid(x).mean(dim=(1, 2))
+    def forward(self, x: torch.Tensor, pool: bool = True) -> torch.Tensor:
+        """[N, 3, H, W] -> the mean patch encoding [N, F], or with ``pool=False`` the grid."""
+        z = self.grid(x)
+        return z.mean(dim=(1, 2)) if pool else z
 
 
 class _CausalBlock(nn.Sequential):
@@ -133,7 +134,8 @@ class CPC(Method):
         )
 
     def training_step(self, views, labels, index):  # type: ignore[override]
-        z = self.backbone.grid(views[0])  # [B, G, G, F]
+        # through the backbone's forward, so that train.compile covers training too
+        z = self.backbone(views[0], pool=False)  # [B, G, G, F]
         targets = self.head(z.flatten(0, 2)).view(*z.shape[:3], -1).float()  # [B, G, G, D]
         ctx = self.context(z)  # [B, G, G, F]
         preds = torch.stack([p(ctx) for p in self.predictors]).float()  # [K, B, G, G, D]
