@@ -23,6 +23,8 @@ def tiny_config(name: str = "simclr", **sections):
         raw["method"]["queue_size"] = 256
     if name == "emp_ssl":
         raw["method"]["num_patches"] = 4
+    if name == "cmc":  # digits are gray: Lab's ab view would be constant
+        raw["method"]["colorspace"] = "rgb"
     if name == "cpc":  # a narrow context network: the default one dwarfs the width-8 encoder
         raw["method"].update(context_layers=2, context_hidden_dim=32)
     for section, values in sections.items():

@@ -2,6 +2,7 @@
 the per-view encoders, training, checkpoints, config checks and DDP gradients."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from contrastlab.colorspace import rgb_to_lab, rgb_to_ycbcr, to_colorspace
-from contrastlab.config import ConfigError
+from contrastlab.config import ConfigError, make_config
 from contrastlab.distributed import average_gradients, gather_cat
 from contrastlab.losses import cmc_loss, cmc_view_pairs
 from contrastlab.methods import build_method
@@ -239,16 +240,26 @@ def test_cmc_separate_crops_draw_one_crop_per_view():
     assert torch.allclose(m.embed(views), m.embed(views2))
 
 
+def test_cmc_warns_that_gray_digits_have_no_chroma_view():
+    with pytest.warns(UserWarning, match="grayscale"):
+        build_method(tiny_config("cmc", method={"colorspace": "lab"}), 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_method(tiny_config("cmc", method={"colorspace": "rgb"}), 10)
+
+
 def test_cmc_defaults_follow_the_paper():
-    cfg = tiny_config("cmc")
+    cfg = make_config({"method": {"name": "cmc"}})
     m = cfg.method
     assert (m.colorspace, m.views, m.graph, m.width_mult) == ("lab", ((0,), (1, 2)), "full", 0.5)
-    assert cfg.augment.normalize is False and cfg.augment.grayscale_p == 0.0
+    assert (m.temperature, m.shared_crop, cfg.views_per_sample) == (0.07, True, 1)
+    aug = cfg.augment
+    assert not aug.normalize and aug.jitter_p == aug.grayscale_p == aug.blur_p == 0.0
 
 
 def test_cmc_trains_and_loss_falls():
-    # digits are gray: Lab's ab view would be constant, so split R | GB of the same crop
-    cfg = tiny_config("cmc", method={"colorspace": "rgb", "temperature": 0.2})
+    # tiny_config splits R | GB on the gray digits (Lab's ab view would be constant)
+    cfg = tiny_config("cmc", method={"temperature": 0.2})
     t = Trainer(cfg, run_dir=None)
     views = t._views(t.train_set.images[:64])
     losses = []

@@ -31,6 +31,8 @@ features, as the paper evaluates: :class:`ColorViewsBackbone` maps RGB images to
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -91,6 +93,14 @@ class CMC(Method):
         assert isinstance(m, CMCConfig)
         self.temperature, self.graph, self.shared_crop = m.temperature, m.graph, m.shared_crop
         self.n_views = m.views_per_sample  # crops drawn per image: 1, or one per view
+        chroma_only = [g for g in m.views if m.colorspace != "rgb" and 0 not in g]
+        if cfg.data.dataset == "digits" and chroma_only:
+            warnings.warn(
+                f"data.dataset='digits' is grayscale: in method.colorspace={m.colorspace!r} the "
+                f"view(s) {chroma_only} hold only chroma channels, which are constant on gray "
+                "images, so they carry no information; use method.colorspace='rgb' there",
+                stacklevel=2,
+            )
         mc = cfg.model
         # The base class's single RGB encoder and head are replaced by one per view.
         encoders, heads, dims = [], [], []
