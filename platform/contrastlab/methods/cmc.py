@@ -9,12 +9,15 @@ of the other view: for two views the loss is ``L_L^ab + L_ab^L``; for more views
 
 Where we deliberately differ:
 
-* Negatives are the other images of the batch, gathered from every DDP worker with a
-  differentiable all-gather, not the paper's NCE with a 16384-entry memory bank. CMC's own
-  later MoCo-style variant (and SimCLR-style training generally) drops the bank: the memory
-  holds embeddings from older encoders, needs a per-image state as large as the dataset and
-  its NCE normalising constant is estimated once and frozen. In-batch softmax InfoNCE needs
-  none of that; what it costs is fewer negatives per step (the batch, not 16384).
+* Negatives are the other images of the batch (of the other view), gathered from every DDP
+  worker with a differentiable all-gather, and the criterion is a softmax cross-entropy
+  (InfoNCE), not the paper's NCE against a memory bank of 16384 stored embeddings. Upstream's
+  later scripts already swap NCE for the softmax loss (``train_moco_ins.py --softmax``, its
+  MoCo-style variant with a queue of momentum-encoded keys); we also drop the stored
+  negatives: a bank holds embeddings from older encoders, needs per-image state as large as
+  the dataset, and NCE freezes its normalising constant after the first batch. In-batch
+  negatives are always current and need no state; the price is fewer negatives per step (the
+  global batch rather than 16384), which larger batches buy back.
 * The colour conversion runs on the device, on the whole augmented batch (``colorspace.py``),
   and each channel is scaled to about [-1, 1] with fixed constants of the colour space (as
   upstream's Lab normalisation). The augmentation therefore hands over un-normalised [0, 1]
