@@ -25,6 +25,10 @@ def tiny_config(name: str = "simclr", **sections):
         raw["method"]["num_patches"] = 4
     if name == "instdisc":
         raw["method"]["nce_k"] = 64  # < the 256 training images of the tiny config
+    if name == "cmc":  # digits are gray: Lab's ab view would be constant
+        raw["method"]["colorspace"] = "rgb"
+    if name == "cpc":  # a narrow context network: the default one dwarfs the width-8 encoder
+        raw["method"].update(context_layers=2, context_hidden_dim=32)
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return make_config(raw)

@@ -131,6 +131,110 @@ class InstDiscConfig(_Strict):
         return 1
 
 
+class CMCConfig(_Strict):
+    """CMC (Tian et al. 2019): one encoder per channel group (view) of a colour space, in-batch
+    InfoNCE between the views' embeddings. Input normalisation happens after the colour
+    conversion, inside the method, so ``augment.normalize`` must be false (the default for cmc).
+    """
+
+    name: Literal["cmc"] = "cmc"
+    colorspace: Literal["lab", "ycbcr", "rgb"] = Field(
+        "lab", description="colour space the RGB image is converted to before the channel split"
+    )
+    views: tuple[tuple[int, ...], ...] = Field(
+        ((0,), (1, 2)),
+        description="channel indices (0-2 of the colour space) of each view; default L | ab",
+    )
+    graph: Literal["full", "core"] = Field(
+        "full", description="view pairs contrasted: 'full' all pairs, 'core' view 0 vs the rest"
+    )
+    temperature: float = Field(
+        0.07, gt=0, description="softmax temperature (upstream nce_t: 0.07 ImageNet, 0.1 STL-10)"
+    )
+    width_mult: float = Field(
+        0.5,
+        gt=0,
+        le=4,
+        description="channel multiplier of each view's encoder over model.backbone (paper: 0.5)",
+    )
+    shared_crop: bool = Field(
+        True,
+        description="all views are channels of one augmented crop (upstream); false: each view "
+        "is cut from its own augmented crop",
+    )
+
+    @model_validator(mode="after")
+    def _check_views(self) -> CMCConfig:
+        if len(self.views) < 2:
+            raise ValueError(f"method.views needs at least 2 channel groups, got {self.views}")
+        if any(len(g) == 0 for g in self.views):
+            raise ValueError(f"method.views: every channel group needs a channel, got {self.views}")
+        flat = [c for g in self.views for c in g]
+        if any(c not in (0, 1, 2) for c in flat):
+            raise ValueError(f"method.views: channel indices must be 0, 1 or 2, got {self.views}")
+        if len(set(flat)) != len(flat):
+            raise ValueError(
+                f"method.views: channel groups must be disjoint (a shared channel lets the views "
+                f"match trivially), got {self.views}"
+            )
+        return self
+
+    @property
+    def views_per_sample(self) -> int:
+        return 1 if self.shared_crop else len(self.views)
+
+
+class CPCConfig(_Strict):
+    """CPC v2-style for images (Henaff et al. 2019): a grid of overlapping patches, a causal
+    context network down the rows, InfoNCE on the encodings of the rows below.
+
+    The paper cuts 64 px patches at stride 32 from 256 px images (a 7x7 grid); 8 px at stride 4
+    is the same 7x7 grid on 32 px CIFAR images and a 3x3 grid on 16 px digits.
+    """
+
+    name: Literal["cpc"] = "cpc"
+    patch_size: int = Field(8, ge=1, description="side of the square patches, in pixels")
+    patch_stride: int = Field(4, ge=1, description="pixels between neighbouring patches")
+    prediction_steps: int = Field(
+        2,
+        ge=1,
+        description="predict the rows k = 1..prediction_steps below each context row (v1: 5 on "
+        "a 7x7 grid; 2 fits the 3x3 grid of 16 px digits)",
+    )
+    skip_steps: int = Field(
+        0,
+        ge=0,
+        description="rows k <= skip_steps are not predicted (v2: 2 with prediction_steps 3, "
+        "so the target shares no pixels with the context patch)",
+    )
+    context_layers: int = Field(
+        5, ge=1, description="residual blocks of the causal PixelCNN-style context network"
+    )
+    context_hidden_dim: int = Field(256, ge=1, description="bottleneck width of those blocks")
+    temperature: float = Field(
+        10.0,
+        gt=0,
+        description="logits = prediction . target / temperature; v2's emb_scale 0.1 = 10 on "
+        "raw dot products",
+    )
+    normalize: bool = Field(
+        False, description="L2-normalise predictions and targets first (cosine logits; not v2)"
+    )
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> CPCConfig:
+        if self.skip_steps >= self.prediction_steps:
+            raise ValueError(
+                f"method.skip_steps ({self.skip_steps}) must be < method.prediction_steps "
+                f"({self.prediction_steps}), else no row is predicted"
+            )
+        return self
+
+    @property
+    def views_per_sample(self) -> int:
+        return 1
+
+
 class InvaSpreadConfig(_Strict):
     """Invariance propagation / spreading instance feature (Ye et al. 2019), two views."""
 
@@ -148,7 +252,14 @@ class InvaSpreadConfig(_Strict):
 
 
 MethodConfig = Annotated[
-    SimCLRConfig | SupConConfig | MoCoConfig | EMPSSLConfig | InstDiscConfig | InvaSpreadConfig,
+    SimCLRConfig
+    | SupConConfig
+    | MoCoConfig
+    | EMPSSLConfig
+    | InstDiscConfig
+    | InvaSpreadConfig
+    | CMCConfig
+    | CPCConfig,
     Field(discriminator="name"),
 ]
 METHOD_CONFIGS: dict[str, type[_Strict]] = {
@@ -158,6 +269,8 @@ METHOD_CONFIGS: dict[str, type[_Strict]] = {
     "emp_ssl": EMPSSLConfig,
     "instdisc": InstDiscConfig,
     "invaspread": InvaSpreadConfig,
+    "cmc": CMCConfig,
+    "cpc": CPCConfig,
 }
 
 # --------------------------------------------------------------------------- model
@@ -287,6 +400,12 @@ METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     # as in both upstream ResNets (lemniscate.pytorch, Unsupervised_Embedding_Learning).
     "instdisc": {"model": {"head": "linear"}},
     "invaspread": {"model": {"head": "linear"}},
+    # CMC converts raw [0, 1] RGB to its colour space and normalises there, so the augmentation
+    # must not normalise. Upstream's L/ab recipe is crop + flip only: no colour jitter, and no
+    # grayscale or blur (a grayscale image has a constant ab view).
+    "cmc": {"augment": {"normalize": False, "jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0}},
+    # CPC v2 scores predictions against a linear 64-d projection of each patch encoding.
+    "cpc": {"model": {"head": "linear", "proj_dim": 64}},
 }
 
 
@@ -395,6 +514,13 @@ class Config(_Strict):
             )
         if isinstance(m, SupConConfig | SimCLRConfig) and self.train.batch_size < 2:
             raise ValueError("train.batch_size must be >= 2 for in-batch negatives")
+        if isinstance(m, CMCConfig) and self.augment.normalize:
+            raise ValueError(
+                "augment.normalize must be false for method.name='cmc': the method converts raw "
+                "[0, 1] RGB to method.colorspace and normalises its channels itself"
+            )
+        if isinstance(m, CPCConfig):
+            _check_cpc_grid(m, self.data.image_size)
         return self
 
     @property
@@ -424,6 +550,25 @@ class Config(_Strict):
 
 UNTRACKED = ("train.output_dir", "train.run_name", "train.progress")
 """Config fields that do not change results (see :meth:`Config.tracked_params`)."""
+
+
+def _check_cpc_grid(m: CPCConfig, image_size: int) -> None:
+    """The patch grid must cover the image and have rows left to predict."""
+    p, s = m.patch_size, m.patch_stride
+    if p > image_size:
+        raise ValueError(f"method.patch_size ({p}) must be <= data.image_size ({image_size})")
+    if (image_size - p) % s:
+        raise ValueError(
+            f"data.image_size - method.patch_size ({image_size} - {p}) must be a multiple of "
+            f"method.patch_stride ({s}) so that the patch grid covers the image"
+        )
+    rows = (image_size - p) // s + 1
+    if rows < m.prediction_steps + 1:
+        raise ValueError(
+            f"method.prediction_steps ({m.prediction_steps}) needs a patch grid of at least "
+            f"{m.prediction_steps + 1} rows; data.image_size={image_size}, "
+            f"method.patch_size={p}, method.patch_stride={s} give {rows}"
+        )
 
 
 def _plain(x: Any) -> Any:

@@ -24,17 +24,26 @@ Reference implementations the semantics follow (read, not copied):
   ``lib/LinearAverage.py`` and the InstDisc paper (arXiv:1805.01978, Sec. 3.2-3.3).
 * ``invaspread_loss``: mangye16/Unsupervised_Embedding_Learning ``BatchAverage.py``
   (``BatchAverage`` + ``BatchCriterion`` with ``negM = 1``) and arXiv:1904.03436.
+* ``cmc_loss``: the two-view objective of Tian et al. 2019 (``L(V1, V2) = L_{V1}^{V2} +
+  L_{V2}^{V1}``, "core" and "full" graphs for more views), HobbitLong/CMC ``train_CMC.py``
+  (``l_loss + ab_loss``), with in-batch negatives instead of its NCE memory bank.
+* ``cpc_loss``: the InfoNCE of CPC v2 (Henaff et al. 2019, appendix pseudo-code ``CPC``) and
+  Lightning-Universe/lightning-bolts ``CPCTask.compute_loss_h``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "cmc_loss",
+    "cmc_view_pairs",
+    "cpc_loss",
     "emp_ssl_loss",
     "info_nce_loss",
     "instance_softmax_loss",
@@ -538,3 +547,139 @@ def invaspread_loss(z: Tensor, temperature: float, detach_other: bool = True) ->
     safe = torch.where(neg_mask, log_p, torch.full_like(log_p, -1.0))
     log_1m_p = torch.where(neg_mask, _log1mexp(safe), torch.zeros_like(log_p))
     return -(log_p_pos.sum() + log_1m_p.sum()) / n
+
+
+def cmc_view_pairs(n_views: int, graph: str) -> list[tuple[int, int]]:
+    """The view pairs CMC contrasts: ``"full"`` all ``i < j``, ``"core"`` ``(0, j)`` for ``j >= 1``.
+
+    Raises:
+        ValueError: on an unknown graph or fewer than 2 views.
+    """
+    if n_views < 2:
+        raise ValueError(f"CMC needs at least 2 views, got {n_views}")
+    if graph == "full":
+        return [(i, j) for i in range(n_views) for j in range(i + 1, n_views)]
+    if graph == "core":
+        return [(0, j) for j in range(1, n_views)]
+    raise ValueError(f"graph must be 'full' or 'core', got {graph!r}")
+
+
+def cmc_loss(z: Tensor, temperature: float, graph: str = "full") -> tuple[Tensor, Tensor]:
+    """Contrastive Multiview Coding loss with in-batch negatives.
+
+    ``z[v, n]`` is the embedding of view ``v`` of sample ``n`` (L2-normalised here). For a view
+    pair ``(i, j)``, sample ``n`` of view ``i`` is an anchor whose candidates are all ``B``
+    embeddings of view ``j``, the positive being ``z[j, n]``, and symmetrically::
+
+        s_nm      = z[i, n] . z[j, m] / T
+        L_i^j     = mean_n [ -s_nn + log sum_m exp(s_nm) ]         (anchors from view i)
+        L(i, j)   = L_i^j + L_j^i
+        loss      = sum_{(i, j) in pairs} L(i, j)
+
+    with pairs from :func:`cmc_view_pairs` (``"full"``: all pairs, ``"core"``: view 0 against
+    each other view). As in the paper (and upstream's ``l_loss + ab_loss``) the two directions
+    and the pairs are summed, not averaged: with 2 views both graphs give ``L_0^1 + L_1^0``.
+    Negatives come from the other view only (as with CMC's per-view memory banks), never from
+    the anchor's own view.
+
+    Args:
+        z: ``[V, B, D]`` embeddings, ``V >= 2`` views of ``B`` samples, view-major.
+        temperature: softmax temperature ``T`` (> 0).
+        graph: ``"full"`` or ``"core"``.
+
+    Returns:
+        ``(loss, accuracy)``: scalar loss (dtype at least float32) and the detached fraction of
+        (anchor, direction, pair) triples whose most similar candidate is the positive.
+
+    Raises:
+        ValueError: on malformed shapes, a non-positive temperature or an unknown graph.
+    """
+    if z.ndim != 3:
+        raise ValueError(f"z must be [V, B, D], got shape {tuple(z.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    pairs = cmc_view_pairs(z.shape[0], graph)
+    z = F.normalize(z, dim=-1)
+    target = torch.arange(z.shape[1], device=z.device)
+    loss = z.new_zeros((), dtype=torch.promote_types(z.dtype, torch.float32))
+    correct = torch.zeros((), device=z.device)
+    for i, j in pairs:
+        logits = _at_least_fp32(z[i] @ z[j].T) / temperature  # [B, B]: rows view i, cols view j
+        loss = loss + F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
+        correct = correct + (logits.argmax(dim=1) == target).float().mean()
+        correct = correct + (logits.argmax(dim=0) == target).float().mean()
+    return loss, (correct / (2 * len(pairs))).detach()
+
+
+def cpc_loss(
+    preds: Tensor,
+    targets: Tensor,
+    steps: Sequence[int],
+    temperature: float,
+    normalize: bool = False,
+    first: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """CPC's InfoNCE over a grid of patch encodings: predict the rows below, contrast against
+    every patch of every image.
+
+    ``targets[n, r, c]`` is the target encoding of the patch at row ``r``, column ``c`` of image
+    ``n``. ``preds[i, b, r, c]`` predicts, from the context at ``(r, c)`` of local image ``b``,
+    the target ``k = steps[i]`` rows below: ``targets[first + b, r + k, c]``. Positions with
+    ``r + k >= H`` have no target and are skipped. For each remaining prediction ``p``::
+
+        s_t      = p . t / temperature            for every target t (all N * H * W of them)
+        l(p)     = -s_positive + log sum_t exp(s_t)
+        loss_k   = mean of l(p) over the predictions of step k
+        loss     = mean_k loss_k
+
+    The negatives are all other patches in ``targets``: other positions of the same image and
+    every position of the other images (CPC v2). The steps are averaged, where CPC v2 sums
+    them, so that the loss scale does not grow with the number of steps (v2 predicts a single
+    step, where both agree). With ``normalize`` the vectors are L2-normalised first (cosine
+    logits); CPC v2 uses raw dot products scaled by ``emb_scale = 1 / temperature``.
+
+    Under DDP, ``targets`` holds every worker's images (gathered, differentiable) and ``preds``
+    only the local ones, which start at row ``first`` of ``targets``.
+
+    Args:
+        preds: ``[K, B, H, W, D]`` predictions for each of the ``K`` steps.
+        targets: ``[N, H, W, D]`` target encodings, ``N >= first + B``.
+        steps: ``K`` row offsets, each in ``1 .. H - 1``.
+        temperature: logits are divided by it (> 0).
+        normalize: L2-normalise ``preds`` and ``targets`` along ``D`` first.
+        first: row of ``targets`` holding local image 0 (``rank * B`` under DDP).
+
+    Returns:
+        ``(loss, accuracy)``: scalar loss (dtype at least float32) and the detached fraction of
+        predictions whose highest-scoring target is the positive.
+
+    Raises:
+        ValueError: on malformed shapes or steps, or a non-positive temperature.
+    """
+    if preds.ndim != 5 or targets.ndim != 4 or preds.shape[2:] != targets.shape[1:]:
+        raise ValueError(
+            f"preds must be [K, B, H, W, D] and targets [N, H, W, D], got "
+            f"{tuple(preds.shape)} and {tuple(targets.shape)}"
+        )
+    n_steps, batch, rows, cols, dim = preds.shape
+    if len(steps) != n_steps or any(not 1 <= k < rows for k in steps):
+        raise ValueError(f"steps must be {n_steps} offsets in 1..{rows - 1}, got {list(steps)}")
+    if not 0 <= first <= targets.shape[0] - batch:
+        raise ValueError(f"first={first} leaves no room for {batch} images in {targets.shape[0]}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if normalize:
+        preds, targets = F.normalize(preds, dim=-1), F.normalize(targets, dim=-1)
+    flat = targets.reshape(-1, dim)  # [N*H*W, D], row (n * H + r) * W + c
+    b = torch.arange(first, first + batch, device=preds.device).view(-1, 1, 1)
+    c = torch.arange(cols, device=preds.device).view(1, 1, -1)
+    losses, correct, count = [], torch.zeros((), device=preds.device), 0
+    for i, k in enumerate(steps):
+        q = preds[i, :, : rows - k].reshape(-1, dim)  # [B*(H-k)*W, D]
+        r = torch.arange(k, rows, device=preds.device).view(1, -1, 1)  # target rows
+        label = ((b * rows + r) * cols + c).reshape(-1)
+        logits = _at_least_fp32(q @ flat.T) / temperature  # [B*(H-k)*W, N*H*W]
+        losses.append(F.cross_entropy(logits, label))
+        correct = correct + (logits.argmax(dim=1) == label).sum()
+        count += label.numel()
+    return torch.stack(losses).mean(), (correct / count).detach()

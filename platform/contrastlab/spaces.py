@@ -54,6 +54,8 @@ REPORTED_METRICS = (
     "moco_acc",
     "tcr",
     "invariance",
+    "cmc_acc",
+    "cpc_acc",
 )
 """Metrics the trainer reports every epoch (the ``metric`` a space may optimise)."""
 
@@ -77,6 +79,9 @@ _METRIC_MODES = {
     "epoch_time_s": "min",
     "moco_acc": "max",
 }
+# the contrastive tasks' top-1 accuracies of CMC (view to view) and CPC (patch to patch)
+_METRIC_METHODS.update({"cmc_acc": ("cmc",), "cpc_acc": ("cpc",)})
+_METRIC_MODES.update({"cmc_acc": "max", "cpc_acc": "max"})
 
 _TOP_KEYS = (
     "method",

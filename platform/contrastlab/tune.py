@@ -66,6 +66,8 @@ _SMOKE_FIXED = (
     "method.contrast_count",
     "method.nce_k",
     "method.n_views",
+    "method.prediction_steps",  # CPC: the 16 px smoke images make a 3-row patch grid
+    "method.skip_steps",
     "eval.",
 )
 _SMOKE_BASE: dict[str, Any] = {
@@ -80,6 +82,7 @@ _SMOKE_METHOD: dict[str, dict[str, Any]] = {
     "emp_ssl": {"num_patches": 4},
     "supcon": {"contrast_count": 2},
     "instdisc": {"nce_k": 64},  # below the 256 smoke training images
+    "cpc": {"prediction_steps": 2, "skip_steps": 0, "context_layers": 2, "context_hidden_dim": 32},
 }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from contrastlab.config import Config
 from contrastlab.methods.base import Method
+from contrastlab.methods.cmc import CMC
+from contrastlab.methods.cpc import CPC
 from contrastlab.methods.emp_ssl import EMPSSL
 from contrastlab.methods.instdisc import InstDisc
 from contrastlab.methods.invaspread import InvaSpread
@@ -19,6 +21,8 @@ METHODS: dict[str, type[Method]] = {
     "emp_ssl": EMPSSL,
     "instdisc": InstDisc,
     "invaspread": InvaSpread,
+    "cmc": CMC,
+    "cpc": CPC,
 }
 
 
