@@ -122,8 +122,8 @@ class InstDiscConfig(_Strict):
     proximal_weight: float = Field(
         0.0,
         ge=0.0,
-        description="lambda of the proximal term lambda * ||f_i - v_i||^2 (paper Sec. 3.3, "
-        "no value given for its experiments; upstream omits the term): 0 = off",
+        description="lambda of the proximal term lambda * ||f_i - v_i||^2 (paper Sec. 3.3; we "
+        "found no value named for its reported runs, and upstream omits the term): 0 = off",
     )
 
     @property

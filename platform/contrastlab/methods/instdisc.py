@@ -19,8 +19,8 @@ Where we deliberately differ from upstream, and why:
 * The bank starts as normalised Gaussian draws seeded from ``train.seed`` (the paper's "random
   unit vectors"); upstream starts from uniform draws of about unit norm, not normalised.
 * The proximal term of the paper (Sec. 3.3), ``lambda * ||f_i - v_i||^2`` with ``v_i`` the
-  bank row before this step, is ``method.proximal_weight``. Upstream has no such term, and the
-  paper names no value for its experiments, so the default is 0 (= upstream).
+  bank row before this step, is ``method.proximal_weight``. Upstream has no such term, and we
+  found no value the paper names for its reported runs, so the default is 0 (= upstream).
 * The bank update happens in ``on_step_end`` (after the optimizer step) with the features of
   this step, which is what upstream's custom backward does; the loss of the step sees the
   bank from before the update in both cases.
