@@ -112,7 +112,7 @@ def test_shipped_spaces_cover_the_usual_hyperparameters():
         "train.batch_size",
     }
     assert wanted <= searched, wanted - searched
-    assert {load_space(p).method for p in SHIPPED} == set(METHODS)
+    assert {load_space(p).method for p in SHIPPED} == set(METHODS)  # one space per method
 
 
 def test_moco_queue_sizes_fit_every_batch_size():
