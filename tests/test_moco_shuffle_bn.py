@@ -250,6 +250,7 @@ def test_moco_loss_falls_with_every_bn_mode(mode, monkeypatch):
     assert losses[-1] < losses[0] - 0.5, losses
 
 
+@pytest.mark.slow
 def test_symmetric_loss_draws_two_permutations_and_checkpoints_the_count(tmp_path):
     cfg = tiny_config("moco", method={"symmetric": True, "bn_splits": 4}, eval={"knn_every": 0})
     first = Trainer(cfg, run_dir=tmp_path)

@@ -127,7 +127,8 @@ def shuffle_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         [b, ...] the rows this worker encodes, in ``x``'s memory format.
     """
     b, r = x.shape[0], rank()
-    x_all = gather_cat_nograd(x.contiguous())  # [world*b, ...]
+    # [world*b, ...]; the collective needs a contiguous tensor, a single process does not
+    x_all = gather_cat_nograd(x.contiguous()) if is_distributed() else x
     return _like_input(x_all[perm[r * b : (r + 1) * b]], x)
 
 
@@ -143,6 +144,7 @@ def unshuffle_rows(y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         [b, ...] outputs for this worker's original rows ``r*b .. (r+1)*b - 1``.
     """
     b, r = y.shape[0], rank()
-    y_all = gather_cat_nograd(y.contiguous())  # [world*b, ...]; y_all[j] is global row perm[j]
+    # [world*b, ...]; y_all[j] is the output for global row perm[j]
+    y_all = gather_cat_nograd(y.contiguous()) if is_distributed() else y
     inverse = torch.argsort(perm)  # inverse[g]: where global row g went
     return _like_input(y_all[inverse[r * b : (r + 1) * b]], y)
