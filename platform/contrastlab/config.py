@@ -74,6 +74,25 @@ class MoCoConfig(_Strict):
     queue_size: int = Field(4096, ge=1, description="K, number of queued negative keys")
     momentum: float = Field(0.99, ge=0.0, le=1.0, description="key encoder EMA momentum m")
     symmetric: bool = Field(False, description="symmetrised loss over both view orders")
+    bn_mode: Literal["shuffle", "sync", "none"] = Field(
+        "shuffle",
+        description=(
+            "how the key encoder's BatchNorm is kept from leaking which images share a batch: "
+            "'shuffle' (the paper's shuffle-BN: keys are shuffled across BatchNorm groups, "
+            "i.e. across workers, or across method.bn_splits groups on one worker), 'sync' "
+            "(SyncBatchNorm over all workers: the weaker alternative in the paper's view; "
+            "needs GPUs; plain BatchNorm on one worker), 'none' (plain BatchNorm)"
+        ),
+    )
+    bn_splits: int = Field(
+        8,
+        ge=1,
+        description=(
+            "bn_mode='shuffle' on one worker: BatchNorm groups per batch, simulating that many "
+            "GPUs (the MoCo CIFAR demo's --bn-splits 8); ignored with several workers, where "
+            "each worker's batch is one group"
+        ),
+    )
 
     @property
     def views_per_sample(self) -> int:
@@ -511,6 +530,16 @@ class Config(_Strict):
             raise ValueError(
                 f"method.queue_size ({m.queue_size}) must be a multiple of train.batch_size "
                 f"({self.train.batch_size}) so that each step replaces whole queue slots"
+            )
+        if (
+            isinstance(m, MoCoConfig)
+            and m.bn_mode == "shuffle"
+            and (self.train.batch_size % m.bn_splits or self.train.batch_size < 2 * m.bn_splits)
+        ):
+            raise ValueError(
+                f"method.bn_splits ({m.bn_splits}) must divide train.batch_size "
+                f"({self.train.batch_size}) into BatchNorm groups of at least 2 images "
+                "(method.bn_mode='shuffle'); lower method.bn_splits or set method.bn_mode='none'"
             )
         if isinstance(m, SupConConfig | SimCLRConfig) and self.train.batch_size < 2:
             raise ValueError("train.batch_size must be >= 2 for in-batch negatives")

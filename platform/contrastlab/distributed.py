@@ -88,3 +88,63 @@ def average_gradients(module: torch.nn.Module) -> None:
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+@torch.no_grad()
+def broadcast_tensor(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """``src``'s value of ``x`` on every worker (in place); ``x`` itself in a single process."""
+    if is_distributed():
+        dist.broadcast(x, src)
+    return x
+
+
+def _like_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y`` in ``x``'s memory format (channels_last image batches stay channels_last)."""
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return y.contiguous(memory_format=torch.channels_last)
+    return y
+
+
+@torch.no_grad()
+def shuffle_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """This worker's share of the global batch, taken in shuffled order (MoCo's shuffle-BN).
+
+    Global row ``g`` is local row ``g % b`` of worker ``g // b`` (rank-ordered, as
+    :func:`gather_cat` concatenates). Worker ``r`` gets global rows ``perm[r*b:(r+1)*b]``.
+    In a single process this is ``x[perm]``. Images are gathered from every worker, as in
+    facebookresearch/moco's ``_batch_shuffle_ddp``.
+
+    Args:
+        x: [b, ...] this worker's rows (same b on every worker).
+        perm: [world*b] int64 permutation of the global rows, identical on every worker
+            (draw it from a shared seed and/or :func:`broadcast_tensor` it).
+
+    Returns:
+        [b, ...] the rows this worker encodes, in ``x``'s memory format.
+    """
+    b, r = x.shape[0], rank()
+    # [world*b, ...]; the collective needs a contiguous tensor, a single process does not
+    x_all = gather_cat_nograd(x.contiguous()) if is_distributed() else x
+    return _like_input(x_all[perm[r * b : (r + 1) * b]], x)
+
+
+@torch.no_grad()
+def unshuffle_rows(y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`shuffle_rows`: outputs for this worker's own rows, in their order.
+
+    Args:
+        y: [b, ...] outputs for the rows :func:`shuffle_rows` gave this worker.
+        perm: the same [world*b] permutation.
+
+    Returns:
+        [b, ...] outputs for this worker's original rows ``r*b .. (r+1)*b - 1``.
+    """
+    b, r = y.shape[0], rank()
+    # [world*b, ...]; y_all[j] is the output for global row perm[j]
+    y_all = gather_cat_nograd(y.contiguous()) if is_distributed() else y
+    inverse = torch.argsort(perm)  # inverse[g]: where global row g went
+    return _like_input(y_all[inverse[r * b : (r + 1) * b]], y)
