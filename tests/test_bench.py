@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -170,3 +171,39 @@ def test_command_line_rejects_bad_input_before_measuring(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", "--batch", "512", "--train-size", "256"])
     assert "must be at least the batch" in capsys.readouterr().err
+
+
+def test_timers_take_turns_and_report_medians(monkeypatch):
+    calls: list[str] = []
+
+    def timer(name: str):
+        return lambda: calls.append(name)
+
+    pipes = [
+        bench.Pipeline("ours", 4, {"step": timer("o.step"), "model": timer("o.model")}),
+        bench.Pipeline("reference", 4, {"step": timer("r.step")}),
+    ]
+    # a fake clock: the k-th timed call lasts k seconds
+    ticks = iter(x for k in range(1, 10) for x in (0.0, float(k)))
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    out = bench.time_interleaved(pipes, torch.device("cpu"), repeats=3)
+    assert calls == ["o.step", "o.model", "r.step"] * 3  # round-robin, one call each per round
+    # o.step lasted 1, 4, 7 s; o.model 2, 5, 8 s; r.step 3, 6, 9 s
+    assert out == {"ours": {"step": 4.0, "model": 5.0}, "reference": {"step": 6.0}}
+
+
+def test_reference_loop_with_a_dataloader_worker(tmp_path):
+    s = check_settings(
+        BenchSettings(methods=(), baseline=("simclr",), device="cpu", smoke=True, workers=1)
+    )
+    data = bench.synthetic_splits(s.train_size, s.test_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = bench.measure("simclr", s, data, tmp_path, ours=False, reference=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(out) == {"reference"}
+    ref = out["reference"]
+    assert ref["workers"] == 1 and ref["views_per_step"] == 16 * 2
+    _positive_finite(ref, POSITIVE)

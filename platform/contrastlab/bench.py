@@ -3,15 +3,15 @@ with the reference implementations' loop, all in one process on the same machine
 
 For each method it builds a :class:`~contrastlab.train.Trainer` on synthetic CIFAR-sized data
 (random ``uint8 [N, 3, 32, 32]`` images, 10 classes: the timings do not depend on pixel
-values) and measures, as the median of ``repeats`` timed calls after ``warmup`` untimed ones
-(``torch.cuda.synchronize`` before reading the clock on CUDA):
+values) and measures, as the median of ``repeats`` timed calls (each ``steps`` steps) after
+``warmup`` untimed ones, with ``torch.cuda.synchronize`` before reading the clock on CUDA:
 
 * the full step, :meth:`Trainer.train_step` (augmentation + forward + loss + backward +
   optimizer step + the method's end-of-step update): the code ``train_epoch`` runs per step;
 * augmentation alone (``Trainer._views``) and the model step alone on pre-augmented views
   (:meth:`Trainer.model_step`), and the share of the step spent augmenting;
-* peak memory: ``torch.cuda.max_memory_allocated`` over the step timings on CUDA; on CPU the
-  process's peak resident set size (``getrusage``), which only grows over a run;
+* peak memory: ``torch.cuda.max_memory_allocated`` over the warm-up steps on CUDA; on CPU
+  the process's peak resident set size (``getrusage``), which only grows over a run;
 * FLOPs of one step's forward + backward (``torch.utils.flop_counter.FlopCounterMode`` on an
   eager copy of the model), the FLOP/s achieved and, on a GPU in :data:`PEAK_TFLOPS`, the model
   FLOPs utilisation (MFU);
@@ -19,7 +19,9 @@ values) and measures, as the median of ``repeats`` timed calls after ``warmup`` 
   ``train_size`` / ``test_size`` images, and the monitor's time as a share of the epoch's;
 * for the ``baseline`` methods, the reference repos' loop on the same model, batch and number
   of views: per-image PIL/torchvision augmentation in a ``torch.utils.data.DataLoader``
-  (``workers`` processes), fp32, no ``torch.compile``, NCHW memory layout.
+  (``workers`` processes), fp32, no ``torch.compile``, NCHW memory layout. Its timed calls
+  alternate with ours (:func:`time_interleaved`), so a load that drifts during the run (a
+  shared machine) does not bias the ratio.
 
 The command line is ``pipelines/bench.py``; :func:`main` takes its arguments.
 """
@@ -59,15 +61,16 @@ from contrastlab.train import Trainer
 __all__ = [
     "PEAK_TFLOPS",
     "BenchSettings",
+    "Pipeline",
     "bench_config",
     "count_step_flops",
     "main",
-    "measure_baseline",
-    "measure_method",
+    "measure",
     "peak_tflops",
     "reference_transform",
     "run",
     "synthetic_splits",
+    "time_interleaved",
 ]
 
 # Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's datasheets, by the dtype the tensor cores
@@ -233,18 +236,63 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_median(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall seconds of one call of ``fn`` over ``repeats`` calls, after ``warmup``."""
-    for _ in range(warmup):
-        fn()
+@dataclass
+class Pipeline:
+    """A training loop to time: ``timers`` each run ``steps`` steps of one part of it.
+
+    Attributes:
+        name: ``"ours"`` or ``"reference"``.
+        views_per_step: batch x views.
+        timers: ``"step"`` (the whole step), ``"augment"`` (the views alone) and ``"model"``
+            (the step on fixed, pre-augmented views).
+    """
+
+    name: str
+    views_per_step: int
+    timers: dict[str, Callable[[], object]]
+
+
+def warm_up(p: Pipeline, device: torch.device, calls: int) -> float:
+    """Untimed calls of every timer; returns the peak memory (MiB) of the step's calls."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(max(calls, 1)):  # at least one: it sets the peak memory
+        p.timers["step"]()
     _sync(device)
-    times = []
+    peak = peak_memory_mib(device)
+    for name, fn in p.timers.items():
+        for _ in range(calls if name != "step" else 0):
+            fn()
+    _sync(device)
+    return peak
+
+
+def time_interleaved(
+    pipelines: Sequence[Pipeline], device: torch.device, repeats: int
+) -> dict[str, dict[str, float]]:
+    """Median seconds per call of every timer of every pipeline.
+
+    The timers take turns, one call each per round, for ``repeats`` rounds: a machine whose
+    load drifts (a shared CPU, a GPU that clocks down) slows every timer alike, so ratios
+    between them stay fair where back-to-back blocks would not.
+
+    Returns:
+        ``{pipeline name: {timer name: median seconds}}``.
+    """
+    samples: dict[tuple[str, str], list[float]] = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for p in pipelines:
+            for name, fn in p.timers.items():
+                _sync(device)
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                samples.setdefault((p.name, name), []).append(time.perf_counter() - start)
+    out: dict[str, dict[str, float]] = {}
+    for (pipe, name), times in samples.items():
+        out.setdefault(pipe, {})[name] = statistics.median(times)
+    return out
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -258,7 +306,7 @@ def peak_memory_mib(device: torch.device) -> float:
 
 def _memory_kind(device: torch.device) -> str:
     if device.type == "cuda":
-        return "torch.cuda.max_memory_allocated during the step timings"
+        return "torch.cuda.max_memory_allocated over the warm-up steps"
     return "process peak RSS (getrusage; whole run so far, so it only grows)"
 
 
@@ -287,74 +335,31 @@ def count_step_flops(
 # --------------------------------------------------------------------------- ours
 
 
-def _rate(views_per_step: int, seconds: float) -> float:
-    return views_per_step / seconds
-
-
-def measure_method(
-    method: str, s: BenchSettings, data: DatasetSplits, workdir: str | Path
-) -> dict[str, Any]:
-    """Time contrastlab's training step of ``method`` (settings ``s`` already resolved).
-
-    Returns:
-        A JSON-able dict; rates in views per second, times in seconds (medians).
-    """
-    cfg = bench_config(method, s)
-    trainer = Trainer(cfg, run_dir=Path(workdir) / method, data=data)
-    device = trainer.device
-    B, V = s.batch, trainer.method.n_views
-    per_step = B * V
-    k = s.steps or 1
+def ours_pipeline(trainer: Trainer, steps: int) -> tuple[Pipeline, list[torch.Tensor]]:
+    """contrastlab's step on one fixed batch of the trainer's data; also returns the list
+    the step timer appends its losses to."""
+    device, B = trainer.device, trainer.local_batch
     images = trainer.train_set.images[:B].to(device)
     labels = trainer.train_set.labels[:B].to(device)
     idx = torch.arange(B, device=device)
-
-    flops = count_step_flops(cfg, len(trainer.train_set), trainer._views(images), labels, idx)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
+    views = trainer._views(images)  # fixed views for the model-only timer
     losses: list[torch.Tensor] = []
 
-    def full() -> None:
-        for _ in range(k):
+    def step() -> None:
+        for _ in range(steps):
             losses.append(trainer.train_step(images, labels, idx)["loss"])
 
+    @torch.no_grad()
     def augment() -> None:
-        for _ in range(k):
+        for _ in range(steps):
             trainer._views(images)
 
-    step_s = time_median(full, device, s.repeats, s.warmup) / k
-    peak_mem = peak_memory_mib(device)
-    with torch.no_grad():
-        aug_s = time_median(augment, device, s.repeats, s.warmup) / k
-    views = trainer._views(images)
-
     def model() -> None:
-        for _ in range(k):
+        for _ in range(steps):
             trainer.model_step(views, labels, idx)
 
-    model_s = time_median(model, device, s.repeats, s.warmup) / k
-
-    out: dict[str, Any] = {
-        "method": method,
-        "views_per_image": V,
-        "views_per_step": per_step,
-        "compiled": bool(getattr(trainer, "compiled", False)),
-        "step_s": step_s,
-        "views_per_s": _rate(per_step, step_s),
-        "augment_views_per_s": _rate(per_step, aug_s),
-        "model_views_per_s": _rate(per_step, model_s),
-        "augment_share": aug_s / step_s,
-        "peak_memory_mib": peak_mem,
-        "flops_per_step": flops,
-        "achieved_tflops": flops / step_s / 1e12,
-        "final_loss": float(losses[-1]) if losses else float("nan"),
-    }
-    out.update(_utilisation(device, cfg, flops, step_s, model_s))
-    if s.epoch:
-        out.update(_epoch_and_knn(trainer))
-    return out
+    timers: dict[str, Callable[[], object]] = {"step": step, "augment": augment, "model": model}
+    return Pipeline("ours", B * trainer.method.n_views, timers), losses
 
 
 def _utilisation(
@@ -396,6 +401,7 @@ def _epoch_and_knn(trainer: Trainer) -> dict[str, Any]:
         "knn_s": knn_s,
         "knn_share": knn_s / epoch["epoch_time_s"],
         "knn_feature": trainer.cfg.eval.feature,
+        "knn_every": trainer.cfg.eval.knn_every,
         "knn_top1": knn["knn_top1"],
     }
 
@@ -450,21 +456,20 @@ class ReferenceViews(torch.utils.data.Dataset):
         return views, self.labels[i], i
 
 
-def measure_baseline(
-    method: str, s: BenchSettings, data: DatasetSplits, workdir: str | Path
-) -> dict[str, Any]:
-    """Time the reference-style loop of ``method``: a DataLoader with per-image PIL
-    augmentation feeding the same model, batch and views in fp32, eager, NCHW."""
-    cfg = bench_config(method, s, reference=True)
-    trainer = Trainer(cfg, run_dir=Path(workdir) / f"{method}-baseline", data=data)
-    device = trainer.device
-    B, V = s.batch, trainer.method.n_views
-    per_step, k = B * V, s.steps or 1
+def reference_pipeline(trainer: Trainer, s: BenchSettings) -> Pipeline:
+    """The reference repos' loop around ``trainer``'s model: a DataLoader with per-image PIL
+    augmentation (``s.workers`` processes, pinned memory on CUDA) feeding the model step."""
+    device, B, V = trainer.device, trainer.local_batch, trainer.method.n_views
+    steps = s.steps or 1
     transform = reference_transform(
-        cfg.augment, s.image_size, trainer.augment.kernel_size, data.train.mean, data.train.std
+        trainer.cfg.augment,
+        s.image_size,
+        trainer.augment.kernel_size,
+        trainer.train_set.mean,
+        trainer.train_set.std,
     )
     loader = torch.utils.data.DataLoader(
-        ReferenceViews(data.train, transform, V),
+        ReferenceViews(trainer.train_set.to("cpu"), transform, V),
         batch_size=B,
         shuffle=True,
         drop_last=True,
@@ -484,42 +489,111 @@ def measure_baseline(
         views = views.to(device, non_blocking=True).transpose(0, 1)  # [V, B, 3, S, S]
         return views, labels.to(device, non_blocking=True), idx.to(device, non_blocking=True)
 
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    fixed = fetch()
 
-    def full() -> None:
-        for _ in range(k):
+    def step() -> None:
+        for _ in range(steps):
             trainer.model_step(*fetch())
 
     def augment() -> None:
-        for _ in range(k):
+        for _ in range(steps):
             fetch()
 
-    step_s = time_median(full, device, s.repeats, s.warmup) / k
-    peak_mem = peak_memory_mib(device)
-    aug_s = time_median(augment, device, s.repeats, s.warmup) / k
-    fixed = fetch()
-
     def model() -> None:
-        for _ in range(k):
+        for _ in range(steps):
             trainer.model_step(*fixed)
 
-    model_s = time_median(model, device, s.repeats, s.warmup) / k
-    batches.close()  # let the loader (and its workers) go
+    timers: dict[str, Callable[[], object]] = {"step": step, "augment": augment, "model": model}
+    return Pipeline("reference", B * V, timers)
+
+
+# --------------------------------------------------------------------------- one method
+
+
+def _rates(p: Pipeline, t: dict[str, float], steps: int) -> dict[str, float]:
+    step_s, aug_s, model_s = (t[k] / steps for k in ("step", "augment", "model"))
+    n = p.views_per_step
     return {
-        "method": method,
-        "workers": s.workers,
-        "views_per_step": per_step,
         "step_s": step_s,
-        "views_per_s": _rate(per_step, step_s),
-        "augment_views_per_s": _rate(per_step, aug_s),
-        "model_views_per_s": _rate(per_step, model_s),
-        # with workers the loader prepares batches while the model steps: the share can
-        # then overlap the step instead of adding to it
+        "views_per_s": n / step_s,
+        "augment_views_per_s": n / aug_s,
+        "model_views_per_s": n / model_s,
+        # with DataLoader workers the batches are prepared while the model steps, so this
+        # share can overlap the step instead of adding to it
         "augment_share": aug_s / step_s,
-        "peak_memory_mib": peak_mem,
     }
+
+
+def measure(
+    method: str,
+    s: BenchSettings,
+    data: DatasetSplits,
+    workdir: str | Path,
+    ours: bool = True,
+    reference: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Time ``method``'s training step (``ours``) and/or the reference loop on the same model
+    architecture, batch and views (``reference``), interleaved (:func:`time_interleaved`).
+
+    Args:
+        s: resolved settings (:func:`check_settings`).
+
+    Returns:
+        ``{"ours": {...}, "reference": {...}}`` (the keys asked for), JSON-able dicts; rates
+        in views per second, times in seconds (medians).
+    """
+    if not (ours or reference):
+        raise ValueError("measure: nothing to measure (ours and reference both False)")
+    device = torch.device(s.device)
+    steps = s.steps or 1
+    pipes: list[Pipeline] = []
+    peaks: dict[str, float] = {}
+    trainer = None
+    losses: list[torch.Tensor] = []
+    if ours:
+        cfg = bench_config(method, s)
+        trainer = Trainer(cfg, run_dir=Path(workdir) / method, data=data)
+        p, losses = ours_pipeline(trainer, steps)
+        B = trainer.local_batch
+        flops = count_step_flops(
+            cfg,
+            len(trainer.train_set),
+            trainer._views(trainer.train_set.images[:B].to(device)),
+            trainer.train_set.labels[:B].to(device),
+            torch.arange(B, device=device),
+        )
+        peaks[p.name] = warm_up(p, device, s.warmup)
+        pipes.append(p)
+    if reference:
+        ref_cfg = bench_config(method, s, reference=True)
+        ref_trainer = Trainer(ref_cfg, run_dir=Path(workdir) / f"{method}-ref", data=data)
+        p = reference_pipeline(ref_trainer, s)
+        peaks[p.name] = warm_up(p, device, s.warmup)
+        pipes.append(p)
+    times = time_interleaved(pipes, device, s.repeats)
+    out: dict[str, dict[str, Any]] = {}
+    for p in pipes:
+        row: dict[str, Any] = {"method": method, "views_per_step": p.views_per_step}
+        row.update(_rates(p, times[p.name], steps))
+        row["peak_memory_mib"] = peaks[p.name]
+        out[p.name] = row
+    del pipes, p
+    if reference:
+        out["reference"]["workers"] = s.workers
+        del ref_trainer  # and its DataLoader and workers: the epoch below runs alone
+        _free(device)
+    if trainer is not None:
+        row = out["ours"]
+        row["views_per_image"] = trainer.method.n_views
+        row["compiled"] = bool(getattr(trainer, "compiled", False))
+        row["flops_per_step"] = flops
+        row["achieved_tflops"] = flops / row["step_s"] / 1e12
+        row["final_loss"] = float(losses[-1])
+        model_s = row["views_per_step"] / row["model_views_per_s"]
+        row.update(_utilisation(device, trainer.cfg, flops, row["step_s"], model_s))
+        if s.epoch:
+            row.update(_epoch_and_knn(trainer))
+    return out
 
 
 # --------------------------------------------------------------------------- the run
@@ -601,19 +675,20 @@ def _run(s: BenchSettings, log: Callable[[str], None] | None) -> dict[str, Any]:
         "methods": [],
         "baseline": [],
     }
+    order = list(dict.fromkeys((*s.methods, *s.baseline)))
     with tempfile.TemporaryDirectory(prefix="contrastlab-bench-") as workdir:
-        for m in s.methods:
-            say(f"measuring {m} ...")
-            results["methods"].append(measure_method(m, s, data, workdir))
+        for m in order:
+            ours, ref = m in s.methods, m in s.baseline
+            say(f"measuring {m}" + (" and its reference loop" if ours and ref else "") + " ...")
+            out = measure(m, s, data, workdir, ours=ours, reference=ref)
+            if ours:
+                results["methods"].append(out["ours"])
+            if ref:
+                if ours:
+                    r = out["reference"]
+                    r["ours_over_baseline"] = out["ours"]["views_per_s"] / r["views_per_s"]
+                results["baseline"].append(out["reference"])
             _free(device)
-        for m in s.baseline:
-            say(f"measuring the reference loop for {m} ...")
-            results["baseline"].append(measure_baseline(m, s, data, workdir))
-            _free(device)
-    ours = {r["method"]: r for r in results["methods"]}
-    for b in results["baseline"]:
-        if b["method"] in ours:
-            b["ours_over_baseline"] = ours[b["method"]]["views_per_s"] / b["views_per_s"]
     results["machine"]["peak_memory_kind"] = _memory_kind(device)
     return results
 
@@ -642,6 +717,11 @@ def machine_line(r: dict[str, Any]) -> str:
         f"{s['image_size']} px, {s['precision']}, compile {s['compile']}, "
         f"channels_last {s['channels_last']}, median of {s['repeats']} x {s['steps']} steps "
         f"after {s['warmup']} warm-up"
+        + (
+            f"; epoch and kNN monitor on {s['train_size']} train / {s['test_size']} test images"
+            if s["epoch"]
+            else ""
+        )
     )
 
 
