@@ -385,21 +385,7 @@ class Trainer:
             lr = lr_at(self.step, self.total_steps, self.steps_per_epoch, cfg.optim)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
-            views = self._views(images)
-            with torch.autocast(
-                self.device.type,
-                dtype=self.autocast_dtype or torch.float32,
-                enabled=self.autocast_dtype is not None,
-            ):
-                loss, metrics = self.method.training_step(views, labels, idx)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            average_gradients(self.method)
-            if t.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.method.parameters(), t.grad_clip)
-            self.optimizer.step()
-            self.method.on_step_end()
-            self.step += 1
+            metrics = self.train_step(images, labels, idx)
             # metrics stay on the device; the host reads them once per log interval
             for k, v in metrics.items():
                 sums[k] = sums[k] + v if k in sums else v.clone()
@@ -417,6 +403,47 @@ class Trainer:
         views_per_epoch = self.steps_per_epoch * t.batch_size * self.method.n_views
         out.update(lr=lr, epoch_time_s=elapsed, views_per_s=views_per_epoch / elapsed)
         return out
+
+    def train_step(
+        self, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """One optimisation step on a batch: augmentation, forward, loss, backward, step.
+
+        This is the body of :meth:`train_epoch`'s loop (and what ``pipelines/bench.py``
+        times). The learning rate is whatever the optimizer's groups hold: the epoch loop sets
+        it before each step.
+
+        Args:
+            images: ``uint8 [B, 3, S, S]`` on the training device (this worker's slice).
+            labels: ``int64 [B]`` (-1 where unknown).
+            idx: ``int64 [B]`` dataset rows of the images.
+
+        Returns:
+            The method's metrics (detached scalar tensors, on the device: no host sync).
+        """
+        return self.model_step(self._views(images), labels, idx)
+
+    def model_step(
+        self, views: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`train_step` on already augmented ``views`` ``[V, B, 3, S, S]``: forward
+        (under autocast when ``train.precision`` says so), loss, backward, gradient averaging
+        across workers, clipping, optimizer step, the method's end-of-step update."""
+        with torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
+            loss, metrics = self.method.training_step(views, labels, idx)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(self.method)
+        if self.cfg.train.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.method.on_step_end()
+        self.step += 1
+        return metrics
 
     def _guard(self, loss: float, step: int) -> None:
         """Stop at once on a NaN/inf loss, or one above ``train.max_loss``."""
