@@ -22,16 +22,14 @@ from tests.conftest import tiny_config
 
 
 def _groupwise_bn(x, bn, splits):
-    """Naive reference: a plain BatchNorm copy run on each group (a contiguous block of rows)
-    in turn.
+    """Naive reference: a plain BatchNorm copy run on each group (rows i % splits) in turn.
 
     Returns the output and the running statistics each group's update would give."""
     out = torch.empty_like(x)
     means, vars_ = [], []
     for g in range(splits):
         ref = copy.deepcopy(bn)  # every group starts from the same running statistics
-        size = x.shape[0] // splits
-        rows = torch.arange(g * size, (g + 1) * size)
+        rows = torch.arange(g, x.shape[0], splits)
         out[rows] = ref(x[rows])
         means.append(ref.running_mean)
         vars_.append(ref.running_var)
@@ -96,11 +94,11 @@ def test_split_batchnorm_affine_gradients_match_reference():
     # naive loop: normalise each group with its own mean and biased variance
     loss = 0.0
     for grp in range(3):
-        xg = x[4 * grp : 4 * (grp + 1)]
+        xg = x[grp::3]
         mean = xg.mean(dim=(0, 2, 3), keepdim=True)
         var = xg.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
         yg = (xg - mean) / torch.sqrt(var + 1e-5) * w.view(1, 3, 1, 1) + b.view(1, 3, 1, 1)
-        loss = loss + (yg * up[4 * grp : 4 * (grp + 1)]).sum()
+        loss = loss + (yg * up[grp::3]).sum()
     loss.backward()
     assert torch.allclose(split.weight.grad, w.grad, atol=1e-10)
     assert torch.allclose(split.bias.grad, b.grad, atol=1e-10)
@@ -193,8 +191,7 @@ def test_single_worker_keys_equal_groupwise_key_encoder(splits):
     perm = perm.permutation(32, x.device)  # position j of the shuffled batch holds image perm[j]
     expected = torch.empty_like(keys)
     for g in range(splits):
-        size = 32 // splits
-        images = perm[g * size : (g + 1) * size]  # the images shuffled into group g
+        images = perm[torch.arange(g, 32, splits)]  # shuffled positions j with j % S == g
         with torch.no_grad():
             expected[images] = F.normalize(reference(x[images]), dim=1)
     assert torch.allclose(keys, expected, atol=1e-5)
@@ -215,9 +212,7 @@ def test_query_encoder_uses_the_unshuffled_groups_and_eval_is_plain_bn():
     q = m.project(x)
     with torch.no_grad():
         for g in range(4):
-            assert torch.allclose(
-                q[8 * g : 8 * (g + 1)], ref.project(x[8 * g : 8 * (g + 1)]), atol=1e-5
-            )
+            assert torch.allclose(q[g::4], ref.project(x[g::4]), atol=1e-5)
     # evaluation reads the backbone in eval mode: plain BatchNorm with the running statistics
     m.eval()
     ref.load_state_dict(m.state_dict())

@@ -19,10 +19,8 @@ the batch it came from rather than by its content (the paper, section 3.3).
 * ``shuffle``, one worker: as the CIFAR demo, every BatchNorm layer of the encoder (query and
   key, backbone and head) normalises ``method.bn_splits`` groups of the batch separately
   (:class:`~contrastlab.models.SplitBatchNorm`, still one forward pass of the encoder); keys
-  are shuffled across the groups. Where we differ from the demo: contiguous groups (like DDP
-  slices) instead of interleaved ones, one ``batch_norm`` call per group instead of a reshape
-  (cheaper with channels_last, see SplitBatchNorm), and a seeded permutation as above
-  instead of the global RNG.
+  are shuffled across the groups. Where we differ from the demo: the BatchNorm of the MLP
+  head is split too, and the permutation is seeded as above instead of the global RNG.
 * ``sync``: SyncBatchNorm over all workers (GPU only), plain BatchNorm on one worker. The
   weaker alternative in the MoCo authors' view: a query and its positive key are still
   normalised with statistics of the same (global) batch, while the queued negatives come from
