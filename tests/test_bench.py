@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -207,3 +208,14 @@ def test_reference_loop_with_a_dataloader_worker(tmp_path):
     ref = out["reference"]
     assert ref["workers"] == 1 and ref["views_per_step"] == 16 * 2
     _positive_finite(ref, POSITIVE)
+
+
+def test_the_cuda_defaults_bf16_and_channels_last_run_on_cpu():
+    # the settings a GPU run uses by default (bf16 autocast, channels_last), on the CPU: the
+    # FLOP count under autocast and a step of a method with a momentum encoder and a queue
+    s = BenchSettings(
+        methods=("moco",), baseline=(), device="cpu", precision="bf16", smoke=True, threads=1
+    )
+    (m,) = bench.run(replace(s, epoch=False))["methods"]
+    _positive_finite(m, (*POSITIVE, "flops_per_step"))
+    assert "knn_s" not in m and math.isfinite(m["final_loss"])
