@@ -167,6 +167,33 @@ def _history(run_dir: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def _run_locally(local_cfg: Config, run_dir: Path, stop: int, workers: int, threads: int):
+    """Train ``local_cfg`` in this process (with ``threads`` CPU threads) or in ``workers``
+    local DDP processes, stopping after ``stop`` epochs."""
+    if workers == 1:
+        torch.set_num_threads(threads)
+        from contrastlab.train import train
+
+        with contextlib.suppress(_StopAfterError):
+            train(local_cfg, run_dir=run_dir, hooks=[_stop_hook(stop)])
+    else:
+        import torch.multiprocessing as mp
+
+        with tempfile.TemporaryDirectory() as d:
+            mp.spawn(
+                _ddp_worker,
+                args=(
+                    workers,
+                    f"file://{d}/rendezvous",
+                    local_cfg.to_yaml(),
+                    str(run_dir),
+                    stop,
+                    threads,
+                ),
+                nprocs=workers,
+            )
+
+
 def reproduce(
     run_id: str | None = None,
     best_of: str | None = None,
@@ -219,8 +246,7 @@ def reproduce(
             "divisible by it"
         )
     threads = int(original.data.tags.get(THREADS_TAG, torch.get_num_threads()))
-    if workers == 1:
-        torch.set_num_threads(threads)
+    caller_threads = torch.get_num_threads()  # restored below: the caller's numerics are its own
     raw = cfg.to_dict()
     name = f"{run_id[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
     raw["train"].update(output_dir=str(output_dir), run_name=name, progress=sys.stderr.isatty())
@@ -229,27 +255,10 @@ def reproduce(
     on_cpu = not torch.cuda.is_available() or cfg.train.device == "cpu"
 
     started = time.perf_counter()
-    if workers == 1:
-        from contrastlab.train import train
-
-        with contextlib.suppress(_StopAfterError):
-            train(local_cfg, run_dir=run_dir, hooks=[_stop_hook(stop)])
-    else:
-        import torch.multiprocessing as mp
-
-        with tempfile.TemporaryDirectory() as d:
-            mp.spawn(
-                _ddp_worker,
-                args=(
-                    workers,
-                    f"file://{d}/rendezvous",
-                    local_cfg.to_yaml(),
-                    str(run_dir),
-                    stop,
-                    threads,
-                ),
-                nprocs=workers,
-            )
+    try:
+        _run_locally(local_cfg, run_dir, stop, workers, threads)
+    finally:
+        torch.set_num_threads(caller_threads)
     wall = time.perf_counter() - started
     history = _history(run_dir)
 
