@@ -29,6 +29,17 @@ def _status(url: str, headers: dict[str, str] | None = None) -> int:
         return e.code
 
 
+_RAY_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def _reset_ray_token_cache() -> None:
+    """Make this process re-read Ray's auth mode and token from the environment."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
     """A basic-auth MLflow server, its client credentials in $HOME/.mlflow/credentials (600),
@@ -52,8 +63,16 @@ def auth_server(tmp_path_factory):
         "auth_cache_ttl_seconds = 300\n"
     )
     port = ui.free_port()
-    saved_home = os.environ.get("HOME")
-    os.environ["HOME"] = str(home)
+    # Ray's own token auth, explicitly: the first ray.init of this pytest process (in another
+    # test module) turned it on for the process and left its token in the *real* ~/.ray, which
+    # the GCS started here would not find once HOME is swapped
+    ray_token = tmp / "ray_auth_token"
+    ray_token.write_text(secrets.token_hex(32))
+    ray_token.chmod(0o600)
+    saved = {k: os.environ.get(k) for k in ("HOME", *_RAY_AUTH_VARS)}
+    os.environ.update(HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(ray_token))
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    _reset_ray_token_cache()
     try:
         with ui.mlflow_server(
             f"sqlite:///{tmp}/mlflow.db",
@@ -79,7 +98,12 @@ def auth_server(tmp_path_factory):
             finally:
                 ray.shutdown()
     finally:
-        os.environ["HOME"] = saved_home or ""
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _reset_ray_token_cache()
         tracking.client.cache_clear()
 
 
