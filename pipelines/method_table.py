@@ -38,6 +38,19 @@ OVERRIDES: dict[str, dict[str, dict]] = {
         "optim": {"lr": 0.03},
     },
     "invaspread": {"method": {"name": "invaspread"}},
+    # CMC: digits are gray, so Lab's ab (the default view) is constant; split R | GB instead,
+    # each from its own crop (one shared crop would give two identical gray views), with
+    # SimCLR's digits temperature and the recipe's colour jitter (CMC's default turns it off)
+    "cmc": {
+        "method": {"name": "cmc", "colorspace": "rgb", "shared_crop": False, "temperature": 0.5},
+        "augment": {"jitter_p": 0.8},
+    },
+    # CPC: the 3-row patch grid of 16 px digits needs no 5-block context stack; at SGD lr 0.3
+    # the kNN stalls near the random encoder's 71.7% (74.6% best) while the task is solved
+    "cpc": {
+        "method": {"name": "cpc", "context_layers": 2, "context_hidden_dim": 128},
+        "optim": {"lr": 0.03},
+    },
 }
 
 REFERENCES = {
@@ -48,6 +61,9 @@ REFERENCES = {
     "emp_ssl": "Tong et al. 2023 (arXiv:2304.03977); tsb0601/EMP-SSL",
     "instdisc": "Wu et al. 2018 (arXiv:1805.01978); zhirongw/lemniscate.pytorch",
     "invaspread": "Ye et al. 2019 (arXiv:1904.03436); mangye16/Unsupervised_Embedding_Learning",
+    "cmc": "Tian et al. 2019 (arXiv:1906.05849); HobbitLong/CMC",
+    "cpc": "Henaff et al. 2019, van den Oord et al. 2018 (arXiv:1905.09272, 1807.03748); "
+    "CPC v2 appendix pseudo-code, Lightning-Universe/lightning-bolts",
 }
 
 
