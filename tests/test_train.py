@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+from contrastlab import tracking
 from contrastlab.config import make_config
 from contrastlab.train import (
     CheckpointError,
@@ -121,6 +122,22 @@ def test_resume_refuses_a_different_config(tmp_path):
     other = tiny_config("simclr", method={"temperature": 0.1})
     with pytest.raises(CheckpointError, match="method.temperature"):
         Trainer(other, run_dir=tmp_path).resume()
+
+
+def test_resume_names_a_model_state_from_other_code(tmp_path):
+    """A MoCo checkpoint written before shuffle-BN: same config, no shuffler state."""
+    cfg = tiny_config("moco")
+    train(cfg, run_dir=tmp_path)
+    ckpt = latest_checkpoint(tmp_path)
+    state = load_checkpoint(ckpt)
+    assert state["source_sha256"] == tracking.source_digest()
+    del state["model"]["shuffler._extra_state"], state["source_sha256"]
+    save_checkpoint(ckpt, state)
+    with pytest.raises(CheckpointError) as err:
+        Trainer(cfg, run_dir=tmp_path).resume()
+    msg = str(err.value)
+    assert ckpt.name in msg and "lacks shuffler._extra_state" in msg
+    assert "older than source stamps" in msg and tracking.source_digest() in msg
 
 
 def test_bf16_and_channels_last_on_cpu(tmp_path):

@@ -141,8 +141,12 @@ def experiment_id(uri: str, name: str) -> str:
 # --------------------------------------------------------------------------- provenance
 
 
+@functools.cache
 def source_digest() -> str:
-    """sha256 over the package's Python sources: identifies the code even without git."""
+    """sha256 over the package's Python sources: identifies the code even without git.
+
+    Computed once per process, so it names the code this process imported even if the files
+    are edited while it runs."""
     root = Path(__file__).resolve().parent
     h = hashlib.sha256()
     for f in sorted(root.rglob("*.py")):

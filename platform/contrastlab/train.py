@@ -46,6 +46,7 @@ from contrastlab.distributed import (
 )
 from contrastlab.methods import Method, build_method
 from contrastlab.optim import build_optimizer, lr_at
+from contrastlab.tracking import source_digest
 
 Hook = Callable[[int, dict[str, float], Path | None], None]
 """``hook(epoch, metrics, checkpoint_path)``, called after each epoch on every worker."""
@@ -263,6 +264,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "history_json": json.dumps(self.history),
+            # which code wrote it: named when a later version cannot load its model state
+            "source_sha256": source_digest(),
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
@@ -272,11 +275,48 @@ class Trainer:
         if saved.to_dict() != self.cfg.to_dict():
             diff = [k for k, v in self.cfg.flat().items() if saved.flat().get(k) != v]
             raise CheckpointError(f"{source} was written by a different config; differs in {diff}")
-        self.method.load_state_dict(state["model"])
+        self._load_model_state(state, source)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"].cpu())
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = json.loads(state["history_json"])
+
+    def _load_model_state(self, state: dict[str, Any], source: str) -> None:
+        """The method's weights and buffers; a checkpoint of another model structure (from
+        another code version with the same config) is a CheckpointError that says so."""
+        saved = state["model"]
+        here = self.method.state_dict()
+        missing = sorted(set(here) - set(saved))
+        unexpected = sorted(set(saved) - set(here))
+        shapes = sorted(
+            k
+            for k in set(here) & set(saved)
+            if isinstance(saved[k], torch.Tensor) and saved[k].shape != here[k].shape
+        )
+        if missing or unexpected or shapes:
+
+            def few(keys: list[str]) -> str:
+                return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+            parts = [
+                f"{what} {few(keys)}"
+                for what, keys in (
+                    ("lacks", missing),
+                    ("has extra", unexpected),
+                    ("has other shapes for", shapes),
+                )
+                if keys
+            ]
+            written = state.get("source_sha256", "a version older than source stamps")
+            raise CheckpointError(
+                f"{source}: its model state does not fit this code's "
+                f"{self.cfg.method.name!r} model although the config is the same: it "
+                f"{'; it '.join(parts)}. It was written by contrastlab source {written}, this is "
+                f"{source_digest()}: the model's structure changed between the two (e.g. "
+                "MoCo checkpoints from before shuffle-BN lack 'shuffler._extra_state'). Resume "
+                "it with the code that wrote it, or start a new run (another train.run_name)"
+            )
+        self.method.load_state_dict(saved)
 
     def resume(self) -> bool:
         """Load the newest checkpoint in the run directory; False if there is none."""
