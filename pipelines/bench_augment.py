@@ -32,10 +32,10 @@ import numpy as np
 import PIL
 import torch
 import torchvision
-import torchvision.transforms as T
 from PIL import Image
 
 from contrastlab.augment import BatchAugment
+from contrastlab.bench import reference_transform
 from contrastlab.config import AUGMENT_RECIPES, AugmentConfig, make_config
 
 # CIFAR-10 channel statistics; any values do for timing.
@@ -46,26 +46,6 @@ STD = (0.2470, 0.2435, 0.2616)
 def recipe_config(recipe: str) -> AugmentConfig:
     method = "emp_ssl" if recipe == "emp_ssl" else "simclr"
     return make_config({"method": {"name": method}, "augment": {"recipe": recipe}}).augment
-
-
-def pil_pipeline(cfg: AugmentConfig, size: int, kernel_size: int) -> T.Compose:
-    """The recipe as the reference repos write it: torchvision.transforms on PIL images."""
-    ops: list[Callable] = [T.RandomResizedCrop(size, scale=cfg.crop_scale, ratio=cfg.crop_ratio)]
-    if cfg.flip_p > 0:
-        ops.append(T.RandomHorizontalFlip(cfg.flip_p))
-    if cfg.jitter_p > 0:
-        jitter = T.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
-        ops.append(T.RandomApply([jitter], p=cfg.jitter_p))
-    if cfg.grayscale_p > 0:
-        ops.append(T.RandomGrayscale(cfg.grayscale_p))
-    if cfg.blur_p > 0:
-        blur = T.GaussianBlur(kernel_size, sigma=cfg.blur_sigma)
-        ops.append(T.RandomApply([blur], p=cfg.blur_p))
-    if cfg.solarize_p > 0:
-        # PIL solarizes pixels >= threshold in 0..255 units.
-        ops.append(T.RandomSolarize(round(cfg.solarize_threshold * 255), p=cfg.solarize_p))
-    ops += [T.ToTensor(), T.Normalize(MEAN, STD)]
-    return T.Compose(ops)
 
 
 def kornia_pipeline(cfg: AugmentConfig, size: int, kernel_size: int) -> torch.nn.Module:
@@ -152,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     arrays = list(images.permute(0, 2, 3, 1).numpy())  # [B] x [S, S, 3] uint8, like CIFAR
 
     ours = BatchAugment(cfg, S, MEAN, STD)
-    pil = pil_pipeline(cfg, S, ours.kernel_size)
+    pil = reference_transform(cfg, S, ours.kernel_size, MEAN, STD)
 
     def run_ours() -> torch.Tensor:
         return ours(images_dev, V, gen)

@@ -219,3 +219,43 @@ def test_the_cuda_defaults_bf16_and_channels_last_run_on_cpu():
     (m,) = bench.run(replace(s, epoch=False))["methods"]
     _positive_finite(m, (*POSITIVE, "flops_per_step"))
     assert "knn_s" not in m and math.isfinite(m["final_loss"])
+
+
+def test_epoch_timed_on_part_of_the_set_is_scaled_to_all_of_it():
+    """--epoch-images: a CIFAR-sized epoch estimated from a shorter one (steps cost the same);
+    the kNN monitor still runs on its subsets of the whole set."""
+    settings = BenchSettings(
+        methods=("simclr",),
+        baseline=(),
+        device="cpu",
+        smoke=True,
+        threads=1,
+        train_size=96,
+        epoch_images=32,
+    )
+    (m,) = bench.run(settings)["methods"]
+    assert (m["train_size"], m["epoch_images_timed"]) == (96, 32)
+    timed_views = 32 // 16 * 16 * 2  # 2 steps of 16 images x 2 views
+    # 6 steps in the whole set, 2 timed
+    assert m["epoch_s"] == pytest.approx(3 * timed_views / m["epoch_views_per_s"], rel=1e-3)
+    assert m["knn_share"] == m["knn_s"] / m["epoch_s"]
+    assert (m["knn_memory_images"], m["knn_query_images"]) == (96, 32)  # below the subsets
+
+
+def test_augmentation_benchmark_runs_and_compares_with_the_reference(tmp_path):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "pipelines" / "bench_augment.py"), "--batch", "4"]
+        + ["--views", "2", "--repeats", "1", "--threads", "1", "--recipe", "simclr"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    assert re.search(r"\| PIL per image \(1 thr\) +\| +\d+ \| +1\.0x \|", out), out
+    assert "BatchAugment" in out and "kornia" in out

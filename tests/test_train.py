@@ -47,6 +47,9 @@ def test_default_digits_run_learns(tmp_path):
         "k": 200,
         "t": 0.1,
         "feature": "backbone",
+        "monitor_train_size": 10000,
+        "monitor_test_size": 2000,
+        "monitor_subset": "the first N of a fixed permutation (seed 0), the same in every run",
     }
 
 
@@ -266,3 +269,35 @@ def test_train_on_a_users_parquet_shards(tmp_path):
     res = train(cfg, run_dir=tmp_path / "run")
     assert res.final["knn_top1"] > 50  # 3 classes; the bands make them easy
     assert "parquet" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_knn_monitor_uses_fixed_subsets_and_the_last_epoch_all_images(tmp_path):
+    """eval.monitor_*_size: every epoch's kNN on the same subset rows (independent of the
+    training seed); the last epoch also on every image, as knn_full_*; both recomputed here."""
+    from contrastlab import evaluate
+
+    ev = {"monitor_train_size": 100, "monitor_test_size": 60}
+    cfg = tiny_config("simclr", train={"epochs": 2, "seed": 3}, eval=ev)
+    res = train(cfg, run_dir=tmp_path / "run")
+    assert [("knn_top1" in h, "knn_full_top1" in h) for h in res.history] == [
+        (True, False),
+        (True, False),
+        (True, True),
+    ]
+    t = Trainer(cfg, run_dir=tmp_path / "check")
+    t.method.load_state_dict(res.method.state_dict())
+    mem_rows, test_rows = t.monitor_rows
+    assert len(mem_rows) == 100 and len(test_rows) == 60
+    torch.manual_seed(123)  # the global RNG does not move the subset
+    assert torch.equal(evaluate.monitor_subset(len(t.memory_set), 100), mem_rows)
+    assert evaluate.monitor_subset(50, 0) is None and evaluate.monitor_subset(50, 50) is None
+
+    def knn(mem, test):
+        return evaluate.knn_accuracy(
+            t.features(mem.images), mem.labels, t.features(test.images), test.labels, 10, cfg.eval
+        )["knn_top1"]
+
+    last = res.history[-1]
+    assert last["knn_top1"] == knn(t.memory_set.subset(mem_rows), t.test_set.subset(test_rows))
+    assert last["knn_full_top1"] == knn(t.memory_set, t.test_set)
+    assert res.final["best_knn_top1"] == max(h["knn_top1"] for h in res.history[1:])

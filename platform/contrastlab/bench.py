@@ -15,8 +15,11 @@ values) and measures, as the median of ``repeats`` timed calls (each ``steps`` s
 * FLOPs of one step's forward + backward (``torch.utils.flop_counter.FlopCounterMode`` on an
   eager copy of the model), the FLOP/s achieved and, on a GPU in :data:`PEAK_TFLOPS`, the model
   FLOPs utilisation (MFU);
-* one real epoch (``Trainer.train_epoch``) and the kNN monitor (``Trainer.evaluate_knn``) on
-  ``train_size`` / ``test_size`` images, and the monitor's time as a share of the epoch's;
+* one real epoch (``Trainer.train_epoch``) and the per-epoch kNN monitor
+  (``Trainer.evaluate_knn``, on its ``eval.monitor_*_size`` subsets of ``train_size`` /
+  ``test_size`` images), and the monitor's time as a share of the epoch's; with
+  ``epoch_images`` the epoch runs over that many images and its time is scaled to
+  ``train_size`` (a CIFAR-sized epoch of a ResNet takes an hour on a CPU);
 * for the ``baseline`` methods, the reference repos' loop on the same model, batch and number
   of views: per-image PIL/torchvision augmentation in a ``torch.utils.data.DataLoader``
   (``workers`` processes), fp32, no ``torch.compile``, NCHW memory layout. Its timed calls
@@ -134,6 +137,7 @@ class BenchSettings:
     train_size: int | None = None  # images of the epoch / kNN memory (CIFAR-10: 50000)
     test_size: int | None = None  # kNN queries (CIFAR-10: 10000)
     epoch: bool = True  # time one real epoch and the kNN monitor
+    epoch_images: int | None = None  # time the epoch on this many images, scaled to train_size
     repeats: int = 5
     warmup: int = 2
     steps: int | None = None  # steps per timed call: 10 on CUDA, 2 on CPU
@@ -383,12 +387,26 @@ def _utilisation(
     }
 
 
-def _epoch_and_knn(trainer: Trainer) -> dict[str, Any]:
-    """One real epoch through ``train_epoch``, then the kNN monitor, both timed."""
+def _epoch_and_knn(trainer: Trainer, epoch_images: int | None = None) -> dict[str, Any]:
+    """One real epoch through ``train_epoch``, then the kNN monitor, both timed.
+
+    With ``epoch_images`` below the training set, the epoch runs over its first
+    ``epoch_images`` images and its time is scaled up to the whole set (steps cost the same).
+    """
     device = trainer.device
     trainer.epoch = 0
     trainer.step = 0
-    epoch = trainer.train_epoch()
+    full_set, full_steps = trainer.train_set, trainer.steps_per_epoch
+    scale = 1.0
+    if epoch_images is not None and epoch_images < len(full_set):
+        trainer.train_set = full_set.subset(torch.arange(epoch_images))
+        trainer.steps_per_epoch = epoch_images // trainer.cfg.train.batch_size
+        scale = full_steps / trainer.steps_per_epoch
+    try:
+        epoch = trainer.train_epoch()
+    finally:
+        trainer.train_set, trainer.steps_per_epoch = full_set, full_steps
+    epoch_s = epoch["epoch_time_s"] * scale
     if device.type == "cuda" or getattr(trainer, "compiled", False):
         # untimed first call: torch.compile and cuDNN autotuning see the eval-mode shapes
         # once per run, not once per epoch (on CPU, eager, a first call costs nothing extra)
@@ -400,10 +418,17 @@ def _epoch_and_knn(trainer: Trainer) -> dict[str, Any]:
     return {
         "train_size": len(trainer.train_set),
         "test_size": len(trainer.test_set),
-        "epoch_s": epoch["epoch_time_s"],
+        "epoch_images_timed": len(full_set) if scale == 1.0 else epoch_images,
+        "epoch_s": epoch_s,
         "epoch_views_per_s": epoch["views_per_s"],
         "knn_s": knn_s,
-        "knn_share": knn_s / epoch["epoch_time_s"],
+        "knn_share": knn_s / epoch_s,
+        "knn_memory_images": len(trainer.memory_set)
+        if trainer.monitor_rows[0] is None
+        else len(trainer.monitor_rows[0]),
+        "knn_query_images": len(trainer.test_set)
+        if trainer.monitor_rows[1] is None
+        else len(trainer.monitor_rows[1]),
         "knn_feature": trainer.cfg.eval.feature,
         "knn_every": trainer.cfg.eval.knn_every,
         "knn_top1": knn["knn_top1"],
@@ -596,7 +621,7 @@ def measure(
         model_s = row["views_per_step"] / row["model_views_per_s"]
         row.update(_utilisation(device, trainer.cfg, flops, row["step_s"], model_s))
         if s.epoch:
-            row.update(_epoch_and_knn(trainer))
+            row.update(_epoch_and_knn(trainer, s.epoch_images))
     return out
 
 
@@ -647,6 +672,8 @@ def check_settings(settings: BenchSettings) -> BenchSettings:
     assert s.train_size is not None
     if s.train_size < s.batch:
         raise ValueError(f"train_size ({s.train_size}) must be at least the batch ({s.batch})")
+    if s.epoch_images is not None and not s.batch <= s.epoch_images:
+        raise ValueError(f"epoch_images ({s.epoch_images}) must be at least the batch ({s.batch})")
     for m in (*s.methods, *s.baseline):  # every config error now, not after an hour
         bench_config(m, s)
     return s
@@ -723,6 +750,11 @@ def machine_line(r: dict[str, Any]) -> str:
         f"after {s['warmup']} warm-up"
         + (
             f"; epoch and kNN monitor on {s['train_size']} train / {s['test_size']} test images"
+            + (
+                f" (epoch timed on {s['epoch_images']} images, scaled)"
+                if s.get("epoch_images")
+                else ""
+            )
             if s["epoch"]
             else ""
         )
@@ -765,7 +797,8 @@ def format_tables(r: dict[str, Any]) -> str:
             flag = "" if m["knn_share"] < KNN_SHARE_LIMIT else " (over 5%)"
             row += [
                 _fmt(m["epoch_views_per_s"]),
-                f"{m['knn_s']:.2f} / {m['epoch_s']:.2f} = {m['knn_share']:.1%}{flag}",
+                f"{m['knn_s']:.2f} / {m['epoch_s']:.2f} = {m['knn_share']:.1%}{flag} "
+                f"({m['knn_memory_images']} + {m['knn_query_images']} images)",
             ]
         else:
             row += ["not run", "not run"]
@@ -842,6 +875,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--train-size", type=int, help="images of the timed epoch (default 50000, CIFAR-10)")
     add("--test-size", type=int, help="kNN test images (default 10000, CIFAR-10)")
     add("--no-epoch", action="store_true", help="skip the epoch and kNN monitor timing")
+    add(
+        "--epoch-images",
+        type=int,
+        help="time the epoch on this many images and scale it to --train-size (CPU runs)",
+    )
     add("--repeats", type=int, default=5, help="timed calls; the median is reported")
     add("--warmup", type=int, default=2, help="untimed calls first")
     add("--steps", type=int, help="training steps per timed call (default 10 CUDA, 2 CPU)")
@@ -871,6 +909,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         train_size=args.train_size,
         test_size=args.test_size,
         epoch=not args.no_epoch,
+        epoch_images=args.epoch_images,
         repeats=args.repeats,
         warmup=args.warmup,
         steps=args.steps,

@@ -460,6 +460,17 @@ class EvalConfig(_Strict):
     knn_at_init: bool = Field(
         True, description="also run it before training: the random-init encoder baseline"
     )
+    monitor_train_size: int = Field(
+        10000,
+        ge=0,
+        description="kNN memory images of the per-epoch monitor, a fixed subset (0 = all); "
+        "the last epoch also reports knn_full_* on every image",
+    )
+    monitor_test_size: int = Field(
+        2000,
+        ge=0,
+        description="kNN query images of the per-epoch monitor, a fixed subset (0 = all)",
+    )
     feature: Literal["backbone", "patch_avg"] = Field(
         "backbone", description="'patch_avg': EMP-SSL mean of backbone features over patches"
     )

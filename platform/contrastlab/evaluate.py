@@ -201,7 +201,15 @@ def protocol(cfg: EvalConfig, which: str) -> dict[str, Any]:
     """The settings that produced a metric, for logging next to it."""
     feat = f"patch_avg(n={cfg.num_patches})" if cfg.feature == "patch_avg" else "backbone"
     if which == "knn":
-        return {"protocol": "weighted_knn", "k": cfg.knn_k, "t": cfg.knn_t, "feature": feat}
+        return {
+            "protocol": "weighted_knn",
+            "k": cfg.knn_k,
+            "t": cfg.knn_t,
+            "feature": feat,
+            "monitor_train_size": cfg.monitor_train_size or "all",
+            "monitor_test_size": cfg.monitor_test_size or "all",
+            "monitor_subset": "the first N of a fixed permutation (seed 0), the same in every run",
+        }
     return {
         "protocol": "linear_probe",
         "epochs": cfg.probe_epochs,
@@ -210,3 +218,16 @@ def protocol(cfg: EvalConfig, which: str) -> dict[str, Any]:
         "feature": feat,
         "standardised": True,
     }
+
+
+def monitor_subset(n: int, size: int) -> torch.Tensor | None:
+    """Rows of the per-epoch kNN monitor's subset of an ``n``-image set, or None for all.
+
+    The first ``size`` rows of a fixed permutation (seed 0, independent of the training seed),
+    sorted: every run and every epoch is measured on the same images, so trials differ only by
+    their encoders. ``size`` 0 or ``>= n`` means the whole set.
+    """
+    if size == 0 or size >= n:
+        return None
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return perm[:size].sort().values

@@ -188,6 +188,12 @@ class Trainer:
         self.train_set = data.train.to(store)
         self.memory_set = data.labeled_train().to(store)
         self.test_set = data.test.to(store)
+        # the per-epoch kNN monitor's fixed subsets (None: the whole set)
+        ev = cfg.eval
+        self.monitor_rows = (
+            evaluate.monitor_subset(len(self.memory_set), ev.monitor_train_size),
+            evaluate.monitor_subset(len(self.test_set), ev.monitor_test_size),
+        )
         n = len(self.train_set)
         if t.batch_size > n:
             raise ConfigError(
@@ -356,10 +362,23 @@ class Trainer:
         x = self.augment.normalize(images)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def evaluate_knn(self) -> dict[str, float]:
-        mem, test = self.memory_set, self.test_set
+    @property
+    def monitor_is_subset(self) -> bool:
+        """Whether the per-epoch kNN monitor sees only part of the memory or test set."""
+        return any(rows is not None for rows in self.monitor_rows)
+
+    def evaluate_knn(self, full: bool = False) -> dict[str, float]:
+        """kNN accuracy: the per-epoch monitor on its fixed subsets (``eval.monitor_*_size``),
+        or with ``full`` on every memory and test image (metrics then named ``knn_full_*``)."""
+        sets = [self.memory_set, self.test_set]
+        if not full:
+            sets = [
+                s if rows is None else s.subset(rows)
+                for s, rows in zip(sets, self.monitor_rows, strict=True)
+            ]
+        mem, test = sets
         f_mem, f_test = self.features(mem.images), self.features(test.images)
-        return evaluate.knn_accuracy(
+        out = evaluate.knn_accuracy(
             f_mem,
             mem.labels.to(self.device),
             f_test,
@@ -367,6 +386,7 @@ class Trainer:
             self.data.train.num_classes,
             self.cfg.eval,
         )
+        return {k.replace("knn_", "knn_full_"): v for k, v in out.items()} if full else out
 
     def evaluate_probe(self) -> dict[str, float]:
         mem, test = self.memory_set, self.test_set
@@ -529,6 +549,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 metrics.update(self.evaluate_knn())
                 metrics["eval_time_s"] = time.perf_counter() - t0
+                if self.epoch == t.epochs and self.monitor_is_subset:
+                    metrics.update(self.evaluate_knn(full=True))
             if self.is_main and self.epoch == t.epochs and cfg.eval.linear_probe:
                 metrics.update(self.evaluate_probe())
             self._log_epoch(metrics)
@@ -568,6 +590,8 @@ def _epoch_line(m: dict[str, float], epochs: int) -> str:
     parts = [f"epoch {int(m['epoch'])}/{epochs}", f"loss {m['loss']:.4f}"]
     if "knn_top1" in m:
         parts.append(f"knn_top1 {m['knn_top1']:.2f}%")
+    if "knn_full_top1" in m:
+        parts.append(f"knn_full_top1 {m['knn_full_top1']:.2f}% (all images)")
     if "probe_top1" in m:
         parts.append(f"probe_top1 {m['probe_top1']:.2f}%")
     parts.append(f"{m['views_per_s']:.0f} views/s")

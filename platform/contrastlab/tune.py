@@ -223,6 +223,14 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
+def _gpu_ids() -> str:
+    """The GPU ids Ray assigned to this process, comma-separated ("none" without GPUs)."""
+    import ray
+
+    ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    return ",".join(str(i) for i in ids) or "none"
+
+
 def _open_run(
     settings: SweepSettings, trial_id: str, trial_name: str, cfg, run_dir: Path
 ) -> tracking.TrialRun:
@@ -245,6 +253,8 @@ def _open_run(
             "contrastlab.workers": str(settings.space.resources.workers),
             # the code this trial ran (an editable install changes under a running sweep)
             "contrastlab.source_sha256": tracking.source_digest(),
+            # the GPU(s) Ray assigned; trials with resources.gpus_per_worker < 1 share one
+            "contrastlab.gpu_ids": _gpu_ids(),
         },
         spool=run_dir / PENDING_FILE,
     )
