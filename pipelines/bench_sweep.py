@@ -1,12 +1,18 @@
-"""Fixed per-trial cost of a sweep: training in the trial process vs a Ray Train worker group.
+"""Fixed per-trial cost of a sweep: a fresh trial process, a reused one, a Ray Train worker group.
 
-    python pipelines/bench_sweep.py [--trials 4]
+    python pipelines/bench_sweep.py [--trials 4] [--repeats 2]
 
-Runs the same tiny 1-epoch smoke sweep (digits, small convnet) twice on a local Ray, one
-trial at a time: once with ``runner=direct`` (the trial process trains) and once with
-``runner=trainer`` (each trial starts a one-worker ``TorchTrainer``). The training itself takes
-well under a second, so wall time per trial is almost all fixed overhead. Prints both and the
-ratio; the README's numbers come from this script.
+Runs the same tiny 1-epoch smoke sweep (digits, small convnet) on a local Ray, one trial at a
+time, in three ways: ``runner=direct`` with a fresh process per trial (``reuse_actors=False``),
+``runner=direct`` with Tune reusing the finished trial's process (``reuse_actors=True``, the
+default), and ``runner=trainer`` (each trial starts a one-worker ``TorchTrainer``). Training
+takes about a second, so the wall time per trial is almost all fixed overhead. Each way runs
+``--repeats`` times, the ways alternating, after an untimed warm-up sweep.
+
+From the trials' MLflow runs it splits the time per trial into: inside the run (setup, the
+kNN monitor at init and after the epoch, the epoch, checkpoints, logging; the epoch alone in
+brackets) and between one run's end and the next one's start (process start and imports,
+Tune's scheduling). The README's numbers come from this script.
 """
 
 from __future__ import annotations
@@ -14,21 +20,49 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import ray
 
+from contrastlab import tracking
 from contrastlab.spaces import load_space
 from contrastlab.tune import run_sweep, smoke_space
 
 ROOT = Path(__file__).resolve().parents[1]
 
+WAYS = {
+    "fresh process": {"runner": "direct", "reuse_actors": False},
+    "reused process": {"runner": "direct", "reuse_actors": True},
+    "TorchTrainer": {"runner": "trainer", "reuse_actors": False},
+}
+
+
+def _split(uri: str, outcome) -> dict[str, float]:
+    """Mean seconds per trial inside its MLflow run, of its epoch, and between runs."""
+    c = tracking.client(uri)
+    parent = c.get_run(outcome.parent_run_id)
+    runs = tracking.child_runs(uri, parent.info.experiment_id, outcome.parent_run_id)
+    runs = sorted(runs, key=lambda r: r.info.start_time)
+    inside = [(r.info.end_time - r.info.start_time) / 1e3 for r in runs]
+    gaps = [
+        (b.info.start_time - a.info.end_time) / 1e3
+        for a, b in zip(runs[:-1], runs[1:], strict=True)
+    ]
+    epoch = [r.data.metrics["epoch_time_s"] for r in runs]
+    return {
+        "inside": statistics.mean(inside),
+        "epoch": statistics.mean(epoch),
+        "between": statistics.mean(gaps) if gaps else float("nan"),
+    }
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2, help="timed sweeps per way")
     p.add_argument("--space", default=str(ROOT / "search_spaces" / "simclr.yaml"))
     args = p.parse_args()
     ray.init(
@@ -41,42 +75,48 @@ def main() -> None:
     space = smoke_space(load_space(args.space), trials=args.trials, epochs=1).with_overrides(
         concurrency=1
     )
-    per: dict[str, list[float]] = {"direct": [], "trainer": []}
+    order = list(WAYS) + list(reversed(WAYS))
+    order = (order * args.repeats)[: len(WAYS) * args.repeats]
+    walls: dict[str, list[float]] = {w: [] for w in WAYS}
+    splits: dict[str, list[dict[str, float]]] = {w: [] for w in WAYS}
     with tempfile.TemporaryDirectory() as d:
+        uri = f"sqlite:///{d}/mlflow.db"
         # untimed warm-up: the first sweep in a fresh Ray pays one-time costs (dashboard
         # start, database creation, imports) that are not per-trial
         run_sweep(
             space.with_overrides(trials=1),
             name="warmup",
             storage_path=f"{d}/sweeps",
-            tracking_uri=f"sqlite:///{d}/mlflow.db",
+            tracking_uri=uri,
         )
-        for i, runner in enumerate(("direct", "trainer", "trainer", "direct")):
+        for i, way in enumerate(order):
             t = time.perf_counter()
             out = run_sweep(
-                space,
-                name=f"bench-{runner}-{i}",
-                storage_path=f"{d}/sweeps",
-                tracking_uri=f"sqlite:///{d}/mlflow.db",
-                runner=runner,
+                space, name=f"bench-{i}", storage_path=f"{d}/sweeps", tracking_uri=uri, **WAYS[way]
             )
             wall = time.perf_counter() - t
             assert all(r["status"] == "FINISHED" for r in out.trials), out.trials
-            per[runner].append(wall / args.trials)
+            walls[way].append(wall / args.trials)
+            splits[way].append(_split(uri, out))
+            print(f"  {way}: {wall / args.trials:.1f} s/trial", flush=True)
     ray.shutdown()
-    direct, trainer = (sum(v) / len(v) for v in (per["direct"], per["trainer"]))
     print(
-        f"\nper-trial wall time (sweep wall / trials), 1-epoch digits trial, {args.trials} "
-        f"trials one at a time, each runner timed twice, {platform.machine()} "
-        f"{os.cpu_count()} cores:"
+        f"\nper trial, 1-epoch digits trials, {args.trials} per sweep one at a time, "
+        f"{args.repeats} sweeps per way, {platform.machine()} {os.cpu_count()} cores:\n"
     )
-    for runner, mean in (("direct", direct), ("trainer", trainer)):
-        runs = ", ".join(f"{x:.1f}" for x in per[runner])
-        print(f"  runner={runner:<8} {mean:6.1f} s/trial ({runs})  {3600 / mean:6.0f} trials/hour")
     print(
-        f"  a Ray Train worker group costs {trainer - direct:+.1f} s per trial "
-        f"({trainer / direct:.2f}x the direct trial)"
+        "| way | s/trial (sweep wall / trials) | trials/hour | inside the run (epoch) | "
+        "between runs |"
     )
+    print("|---|---|---|---|---|")
+    for way in WAYS:
+        per = statistics.mean(walls[way])
+        parts = {k: statistics.mean(s[k] for s in splits[way]) for k in splits[way][0]}
+        runs = ", ".join(f"{x:.1f}" for x in walls[way])
+        print(
+            f"| {way} | {per:.1f} ({runs}) | {3600 / per:.0f} | {parts['inside']:.1f} s "
+            f"({parts['epoch']:.1f} s) | {parts['between']:.1f} s |"
+        )
 
 
 if __name__ == "__main__":

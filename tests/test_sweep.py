@@ -122,3 +122,25 @@ def test_a_diverging_trial_is_failed_with_its_reason(tmp_path, ray_local):
     assert "DivergenceError" in child.data.tags["contrastlab.end_reason"]
     assert "loss is nan" in child.data.tags["contrastlab.end_reason"]
     assert parent.info.status == "FINISHED" and out.best is None
+
+
+@pytest.mark.slow
+def test_a_reused_trial_process_changes_no_result(tmp_path, ray_local):
+    """reuse_actors (the default): three trials run one after the other in one process, and
+    the last one, which ran after two others there, still reproduces bit for bit in a fresh
+    process: nothing a trial leaves behind (RNG, threads, flags, caches) changes the next."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    space = smoke_space(load_space(ROOT / "search_spaces" / "simclr.yaml"), trials=3, epochs=1)
+    out = run_sweep(
+        space.with_overrides(concurrency=1),
+        name="reuse",
+        storage_path=tmp_path / "sweeps",
+        tracking_uri=uri,
+    )
+    parent, runs = _children(uri, out)
+    assert parent.data.tags["contrastlab.reuse_actors"] == "True"
+    runs = sorted(runs, key=lambda r: r.info.start_time)
+    assert len({r.data.tags["contrastlab.pid"] for r in runs}) == 1
+    assert [r.data.tags["contrastlab.trial_in_process"] for r in runs] == ["1", "2", "3"]
+    rep = reproduce(run_id=runs[-1].info.run_id, tracking_uri=uri, output_dir=tmp_path / "repro")
+    assert rep.ok and rep.exact, rep.text

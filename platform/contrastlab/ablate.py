@@ -499,6 +499,7 @@ def run_ablation(
     max_failures: int = 0,
     ray_address: str | None = None,
     out_dir: str | Path | None = None,
+    reuse_actors: bool = True,
 ) -> AblationOutcome:
     """Run every cell x seed on Ray Tune (a grid, no early stopping), then :func:`analyse`.
 
@@ -534,6 +535,7 @@ def run_ablation(
                 scheduler=FIFOScheduler(),
                 num_samples=1,  # the grid already holds every cell x seed
                 max_concurrent_trials=spec.concurrency,
+                reuse_actors=reuse_actors,
             ),
             run_config=run_config,
         )

@@ -76,6 +76,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         optuna_storage=args.optuna_storage,
         runner=args.runner,
         max_failures=args.max_failures,
+        reuse_actors=args.reuse_actors,
     )
     print(
         f"\nsweep {out.name}: {len(out.trials)} trials in {out.wall_s:.0f} s "
@@ -121,6 +122,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         runner=args.runner,
         max_failures=args.max_failures,
         out_dir=args.out,
+        reuse_actors=args.reuse_actors,
     )
     value = f"final_{spec.metric}"
     print(
@@ -184,6 +186,13 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="restarts of a failed trial from its last checkpoint",
+    )
+    p.add_argument(
+        "--reuse-actors",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the next trial in a finished trial's process, skipping process start and "
+        "imports (default yes)",
     )
 
 

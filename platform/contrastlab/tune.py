@@ -223,6 +223,16 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
+_TRIALS_IN_PROCESS = 0
+
+
+def _count_trial() -> int:
+    """1 for the first trial this process runs, 2 for the next one (a reused actor), ..."""
+    global _TRIALS_IN_PROCESS
+    _TRIALS_IN_PROCESS += 1
+    return _TRIALS_IN_PROCESS
+
+
 def _gpu_ids() -> str:
     """The GPU ids Ray assigned to this process, comma-separated ("none" without GPUs)."""
     import ray
@@ -255,6 +265,9 @@ def _open_run(
             "contrastlab.source_sha256": tracking.source_digest(),
             # the GPU(s) Ray assigned; trials with resources.gpus_per_worker < 1 share one
             "contrastlab.gpu_ids": _gpu_ids(),
+            # with reuse_actors one process runs several trials, one after the other
+            "contrastlab.pid": str(os.getpid()),
+            "contrastlab.trial_in_process": str(_count_trial()),
         },
         spool=run_dir / PENDING_FILE,
     )
@@ -286,6 +299,20 @@ def _train_trial(
         if run is not None:
             run.end("FAILED", reason=f"{type(e).__name__}: {e}")
         raise
+    finally:
+        _release_memory()
+
+
+def _release_memory() -> None:
+    """Free what a finished trial held, for the next trial a reused process runs (the CUDA
+    cache too: trials sharing a GPU through fractional resources need that memory)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def trial_direct(params: dict[str, Any], settings: SweepSettings) -> None:
@@ -614,6 +641,7 @@ def run_sweep(
     runner: str = "auto",
     max_failures: int = 0,
     ray_address: str | None = None,
+    reuse_actors: bool = True,
 ) -> SweepOutcome:
     """Run (or, with ``resume``, continue) a sweep; returns per-trial outcomes.
 
@@ -629,6 +657,9 @@ def run_sweep(
             TorchTrainer), or ``auto`` (direct for one worker, trainer for more).
         max_failures: restarts of a failed trial from its last checkpoint.
         ray_address: Ray cluster to join (default: ``$RAY_ADDRESS``, else a local Ray).
+        reuse_actors: a finished trial's process runs the next trial of the same resources,
+            skipping process start and imports (see :func:`trial_direct`); False starts a
+            fresh process per trial.
     """
     import optuna
     from ray import tune
@@ -645,6 +676,9 @@ def run_sweep(
         experiment=experiment,
         resume=resume,
         runner=runner,
+    )
+    tracking.client(settings.tracking_uri).set_tag(
+        settings.parent_run_id, "contrastlab.reuse_actors", str(reuse_actors)
     )
     if optuna_storage:
         tracking.client(settings.tracking_uri).set_tag(
@@ -679,6 +713,7 @@ def run_sweep(
                 scheduler=scheduler,
                 num_samples=space.trials,
                 max_concurrent_trials=space.concurrency,
+                reuse_actors=reuse_actors,
             ),
             run_config=run_config,
         )
