@@ -214,6 +214,15 @@ def test_resume_after_the_driver_is_killed(ray_head, tmp_path):
     after = _statuses(uri, "resumable")
     assert len(after) == 4  # exactly one child run per trial, none duplicated
     assert set(after.values()) <= {"FINISHED", "KILLED"}  # none left RUNNING
+    # a trial that started just before the kill, before Tune saved it, is an orphan the
+    # resumed sweep replaced: its run is KILLED, says why, and sits in MLflow's deleted runs
+    from mlflow.entities import ViewType
+
+    exp_id = c.get_experiment_by_name("contrastlab-simclr").experiment_id
+    for run in c.search_runs([exp_id], run_view_type=ViewType.DELETED_ONLY):
+        assert run.info.status == "KILLED"
+        assert run.data.tags["contrastlab.end_reason"].startswith("orphan: trial")
+        assert f"MLflow run {run.info.run_id}" in resumed.stdout
     for k in finished_before:  # finished trials were not run again
         assert after[k] == "FINISHED" and c.get_run(k).info.end_time == end_times[k]
         hist = c.get_metric_history(k, "loss")

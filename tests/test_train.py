@@ -301,3 +301,5 @@ def test_knn_monitor_uses_fixed_subsets_and_the_last_epoch_all_images(tmp_path):
     assert last["knn_top1"] == knn(t.memory_set.subset(mem_rows), t.test_set.subset(test_rows))
     assert last["knn_full_top1"] == knn(t.memory_set, t.test_set)
     assert res.final["best_knn_top1"] == max(h["knn_top1"] for h in res.history[1:])
+    off = tiny_config("simclr", eval={**ev, "knn_full_at_end": False})
+    assert "knn_full_top1" not in train(off, run_dir=tmp_path / "off").final

@@ -471,6 +471,11 @@ class EvalConfig(_Strict):
         ge=0,
         description="kNN query images of the per-epoch monitor, a fixed subset (0 = all)",
     )
+    knn_full_at_end: bool = Field(
+        True,
+        description="after the last epoch, also kNN on every image (knn_full_*) when the "
+        "monitor uses subsets; false saves its cost (~20% of a CIFAR epoch) in short trials",
+    )
     feature: Literal["backbone", "patch_avg"] = Field(
         "backbone", description="'patch_avg': EMP-SSL mean of backbone features over patches"
     )

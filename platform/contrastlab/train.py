@@ -85,6 +85,9 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     else:
+        # set both ways: a process that runs several trials (Tune's reuse_actors) must not
+        # carry one run's setting into the next
+        torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = True
 
 
@@ -549,7 +552,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 metrics.update(self.evaluate_knn())
                 metrics["eval_time_s"] = time.perf_counter() - t0
-                if self.epoch == t.epochs and self.monitor_is_subset:
+                if self.epoch == t.epochs and self.monitor_is_subset and cfg.eval.knn_full_at_end:
                     metrics.update(self.evaluate_knn(full=True))
             if self.is_main and self.epoch == t.epochs and cfg.eval.linear_probe:
                 metrics.update(self.evaluate_probe())

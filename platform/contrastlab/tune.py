@@ -443,12 +443,36 @@ def _settle_mlflow(settings: SweepSettings, results) -> list[dict[str, Any]]:
             }
         )
     _send_spooled(settings)
-    # runs no result accounts for (a trial that died before reporting) must not stay RUNNING
-    for run in runs.values():
-        if run.info.status == "RUNNING":
+    # runs no result accounts for must not stay RUNNING: a trial Tune knows that died before
+    # reporting, or an orphan (see _retire_orphan)
+    trial_dirs = [Path(str(r.path)).name for r in results if getattr(r, "path", None)]
+    for tid, run in runs.items():
+        if tid and not any(f"_{tid}_" in d or d.endswith(f"_{tid}") for d in trial_dirs):
+            _retire_orphan(c, run, tid)
+        elif run.info.status == "RUNNING":
             c.set_tag(run.info.run_id, "contrastlab.end_reason", "trial ended without a report")
             c.set_terminated(run.info.run_id, "KILLED")
     return rows
+
+
+def _retire_orphan(c, run, trial_id: str) -> None:
+    """A child run of a trial the (resumed) Tune experiment does not know: the driver died
+    after the trial started but before Tune saved its state, so ``--resume`` drew a new trial
+    in its place. The run is marked KILLED with the reason and soft-deleted, so that the sweep
+    keeps one child run per trial; ``mlflow runs restore`` brings it back."""
+    reason = (
+        f"orphan: trial {trial_id} started just before the sweep driver died, before Tune "
+        "saved it; the resumed sweep drew a new trial in its place"
+    )
+    c.set_tag(run.info.run_id, "contrastlab.end_reason", reason)
+    if run.info.status == "RUNNING":
+        c.set_terminated(run.info.run_id, "KILLED")
+    c.delete_run(run.info.run_id)
+    print(
+        f"contrastlab: MLflow run {run.info.run_id} ({reason}) is KILLED and deleted; "
+        f"`mlflow runs restore --run-id {run.info.run_id}` brings it back",
+        flush=True,
+    )
 
 
 def open_sweep(
