@@ -13,6 +13,13 @@ From the trials' MLflow runs it splits the time per trial into: inside the run (
 kNN monitor at init and after the epoch, the epoch, checkpoints, logging; the epoch alone in
 brackets) and between one run's end and the next one's start (process start and imports,
 Tune's scheduling). The README's numbers come from this script.
+
+    python pipelines/bench_sweep.py --cifar-sized [--trials 4]
+
+instead runs a sweep of ``--trials`` real 1-epoch CIFAR-sized trials (SimCLR, the small
+convnet, batch 256, one CPU each, as many at once as there are cores) on CIFAR-10 files in the
+official on-disk format, filled with random pixels (50,000 train / 10,000 test images), and
+prints the wall time and trials per hour.
 """
 
 from __future__ import annotations
@@ -59,11 +66,75 @@ def _split(uri: str, outcome) -> dict[str, float]:
     }
 
 
+def write_random_cifar10(root: Path, n_train: int = 50_000, n_test: int = 10_000) -> None:
+    """CIFAR-10 in its official python format (``cifar-10-batches-py``), random pixels."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True, exist_ok=True)
+    sizes = [n_train // 5] * 5 + [n_test]
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name, n in zip(names, sizes, strict=True):
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": rng.integers(0, 10, n).tolist(),
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),  # R, G, B planes per row
+            b"filenames": [],
+        }
+        (d / name).write_bytes(pickle.dumps(batch, protocol=2))
+
+
+def cifar_sized(args: argparse.Namespace) -> None:
+    """Wall time of a sweep of real 1-epoch CIFAR-sized trials, one CPU per trial."""
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as d:
+        write_random_cifar10(Path(d) / "cifar10")
+        space = smoke_space(load_space(args.space), trials=args.trials, epochs=1)
+        space = space.with_overrides(
+            base_overrides={
+                "data": {
+                    "dataset": "cifar10",
+                    "root": f"{d}/cifar10",
+                    "image_size": 32,
+                    "max_train_samples": None,
+                },
+                # the defaults a CIFAR run resolves to (smoke_space shrinks them for digits)
+                "model": {"width": 32, "head_hidden_dim": 512, "proj_dim": 128},
+                "augment": {"recipe": "simclr"},
+                "eval": {"knn_k": 200},
+                "train": {"batch_size": 256},
+            },
+            concurrency=cores,
+        )
+        t = time.perf_counter()
+        out = run_sweep(
+            space,
+            name="cifar-sized",
+            storage_path=f"{d}/sweeps",
+            tracking_uri=f"sqlite:///{d}/m.db",
+        )
+        wall = time.perf_counter() - t
+        assert all(r["status"] == "FINISHED" for r in out.trials), out.trials
+        split = _split(f"sqlite:///{d}/m.db", out)
+    print(
+        f"\n{args.trials} one-epoch CIFAR-sized trials (50,000 + 10,000 images, SimCLR, convnet, "
+        f"batch 256), {cores} at a time, one CPU each, {platform.machine()} {cores} cores: "
+        f"{wall:.0f} s, {3600 * args.trials / wall:.1f} trials/hour; per trial inside its run "
+        f"{split['inside']:.0f} s, of which the epoch {split['epoch']:.0f} s"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2, help="timed sweeps per way")
     p.add_argument("--space", default=str(ROOT / "search_spaces" / "simclr.yaml"))
+    p.add_argument(
+        "--cifar-sized", action="store_true", help="real 1-epoch trials on CIFAR-sized files"
+    )
     args = p.parse_args()
     ray.init(
         address="local",
@@ -72,6 +143,10 @@ def main() -> None:
         dashboard_host="127.0.0.1",
         configure_logging=False,
     )
+    if args.cifar_sized:
+        cifar_sized(args)
+        ray.shutdown()
+        return
     space = smoke_space(load_space(args.space), trials=args.trials, epochs=1).with_overrides(
         concurrency=1
     )
