@@ -521,6 +521,7 @@ def run_ablation(
         experiment=experiment,
         resume=resume,
         runner=runner,
+        reuse_actors=reuse_actors,
     )
     from contrastlab import tracking
 
@@ -535,7 +536,7 @@ def run_ablation(
                 scheduler=FIFOScheduler(),
                 num_samples=1,  # the grid already holds every cell x seed
                 max_concurrent_trials=spec.concurrency,
-                reuse_actors=reuse_actors,
+                reuse_actors=settings.reuse_actors,
             ),
             run_config=run_config,
         )

@@ -428,12 +428,8 @@ def _epoch_and_knn(trainer: Trainer, epoch_images: int | None = None) -> dict[st
         "epoch_views_per_s": epoch["views_per_s"],
         "knn_s": knn_s,
         "knn_share": knn_s / epoch_s,
-        "knn_memory_images": len(trainer.memory_set)
-        if trainer.monitor_rows[0] is None
-        else len(trainer.monitor_rows[0]),
-        "knn_query_images": len(trainer.test_set)
-        if trainer.monitor_rows[1] is None
-        else len(trainer.monitor_rows[1]),
+        "knn_memory_images": len(trainer.monitor_sets[0]),
+        "knn_query_images": len(trainer.monitor_sets[1]),
         "knn_feature": trainer.cfg.eval.feature,
         "knn_every": trainer.cfg.eval.knn_every,
         "knn_top1": knn["knn_top1"],
@@ -677,7 +673,7 @@ def check_settings(settings: BenchSettings) -> BenchSettings:
     assert s.train_size is not None
     if s.train_size < s.batch:
         raise ValueError(f"train_size ({s.train_size}) must be at least the batch ({s.batch})")
-    if s.epoch_images is not None and not s.batch <= s.epoch_images:
+    if s.epoch_images is not None and s.epoch_images < s.batch:
         raise ValueError(f"epoch_images ({s.epoch_images}) must be at least the batch ({s.batch})")
     for m in (*s.methods, *s.baseline):  # every config error now, not after an hour
         bench_config(m, s)

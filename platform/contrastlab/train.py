@@ -191,11 +191,15 @@ class Trainer:
         self.train_set = data.train.to(store)
         self.memory_set = data.labeled_train().to(store)
         self.test_set = data.test.to(store)
-        # the per-epoch kNN monitor's fixed subsets (None: the whole set)
+        # the per-epoch kNN monitor's fixed subsets (rows None: the whole set), cut once
         ev = cfg.eval
         self.monitor_rows = (
             evaluate.monitor_subset(len(self.memory_set), ev.monitor_train_size),
             evaluate.monitor_subset(len(self.test_set), ev.monitor_test_size),
+        )
+        self.monitor_sets = tuple(
+            s if rows is None else s.subset(rows)
+            for s, rows in zip((self.memory_set, self.test_set), self.monitor_rows, strict=True)
         )
         n = len(self.train_set)
         if t.batch_size > n:
@@ -373,13 +377,7 @@ class Trainer:
     def evaluate_knn(self, full: bool = False) -> dict[str, float]:
         """kNN accuracy: the per-epoch monitor on its fixed subsets (``eval.monitor_*_size``),
         or with ``full`` on every memory and test image (metrics then named ``knn_full_*``)."""
-        sets = [self.memory_set, self.test_set]
-        if not full:
-            sets = [
-                s if rows is None else s.subset(rows)
-                for s, rows in zip(sets, self.monitor_rows, strict=True)
-            ]
-        mem, test = sets
+        mem, test = (self.memory_set, self.test_set) if full else self.monitor_sets
         f_mem, f_test = self.features(mem.images), self.features(test.images)
         out = evaluate.knn_accuracy(
             f_mem,

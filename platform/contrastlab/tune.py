@@ -15,6 +15,7 @@ MLflow gets one parent run per sweep and one child run per trial (see :mod:`trac
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -42,6 +43,7 @@ class SweepSettings:
     experiment_id: str
     parent_run_id: str
     runner: str  # "direct" | "trainer"
+    reuse_actors: bool = True  # a finished trial's process runs the next trial
 
 
 @dataclass
@@ -223,14 +225,8 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-_TRIALS_IN_PROCESS = 0
-
-
-def _count_trial() -> int:
-    """1 for the first trial this process runs, 2 for the next one (a reused actor), ..."""
-    global _TRIALS_IN_PROCESS
-    _TRIALS_IN_PROCESS += 1
-    return _TRIALS_IN_PROCESS
+# 1 for the first trial this process runs, 2 for the next one (a reused actor), ...
+_TRIALS_IN_PROCESS = itertools.count(1)
 
 
 def _gpu_ids() -> str:
@@ -267,7 +263,7 @@ def _open_run(
             "contrastlab.gpu_ids": _gpu_ids(),
             # with reuse_actors one process runs several trials, one after the other
             "contrastlab.pid": str(os.getpid()),
-            "contrastlab.trial_in_process": str(_count_trial()),
+            "contrastlab.trial_in_process": str(next(_TRIALS_IN_PROCESS)),
         },
         spool=run_dir / PENDING_FILE,
     )
@@ -447,7 +443,8 @@ def _settle_mlflow(settings: SweepSettings, results) -> list[dict[str, Any]]:
     # reporting, or an orphan (see _retire_orphan)
     trial_dirs = [Path(str(r.path)).name for r in results if getattr(r, "path", None)]
     for tid, run in runs.items():
-        if tid and not any(f"_{tid}_" in d or d.endswith(f"_{tid}") for d in trial_dirs):
+        # Tune names a trial's directory <trainable>_<trial id>_<index>_<params>_<date>
+        if tid and not any(f"_{tid}_" in d for d in trial_dirs):
             _retire_orphan(c, run, tid)
         elif run.info.status == "RUNNING":
             c.set_tag(run.info.run_id, "contrastlab.end_reason", "trial ended without a report")
@@ -485,6 +482,7 @@ def open_sweep(
     experiment: str | None,
     resume: bool,
     runner: str,
+    reuse_actors: bool = True,
 ) -> SweepSettings:
     """Everything before Ray: check the store, pick the runner, create or find the parent run.
 
@@ -517,7 +515,9 @@ def open_sweep(
                 f"cannot resume {kind} {name!r}: no parent run tagged with it in "
                 f"MLflow experiment {experiment!r}"
             )
-        tracking.client(uri).update_run(parent_id, status="RUNNING")
+        client = tracking.client(uri)
+        client.update_run(parent_id, status="RUNNING")
+        client.set_tag(parent_id, "contrastlab.reuse_actors", str(reuse_actors))
     else:
         name = name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if tracking.find_parent(uri, exp_id, name) is not None:
@@ -539,13 +539,14 @@ def open_sweep(
                 "contrastlab.epochs": str(space.epochs),
                 "contrastlab.optuna_study": name,
                 "contrastlab.runner": runner,
+                "contrastlab.reuse_actors": str(reuse_actors),
                 "contrastlab.storage": _experiment_dir(storage_path, name),
                 **tracking.provenance_tags(prov),
             },
         )
         parent_id = parent.info.run_id
         _log_parent_files(uri, parent_id, space, prov)
-    return SweepSettings(space, name, storage_path, uri, exp_id, parent_id, runner)
+    return SweepSettings(space, name, storage_path, uri, exp_id, parent_id, runner, reuse_actors)
 
 
 def trainable_for(settings: SweepSettings):
@@ -682,8 +683,8 @@ def run_sweep(
         max_failures: restarts of a failed trial from its last checkpoint.
         ray_address: Ray cluster to join (default: ``$RAY_ADDRESS``, else a local Ray).
         reuse_actors: a finished trial's process runs the next trial of the same resources,
-            skipping process start and imports (see :func:`trial_direct`); False starts a
-            fresh process per trial.
+            skipping process start and imports (a finished trial frees its memory, see
+            :func:`_release_memory`); False starts a fresh process per trial.
     """
     import optuna
     from ray import tune
@@ -700,9 +701,7 @@ def run_sweep(
         experiment=experiment,
         resume=resume,
         runner=runner,
-    )
-    tracking.client(settings.tracking_uri).set_tag(
-        settings.parent_run_id, "contrastlab.reuse_actors", str(reuse_actors)
+        reuse_actors=reuse_actors,
     )
     if optuna_storage:
         tracking.client(settings.tracking_uri).set_tag(
@@ -737,7 +736,7 @@ def run_sweep(
                 scheduler=scheduler,
                 num_samples=space.trials,
                 max_concurrent_trials=space.concurrency,
-                reuse_actors=reuse_actors,
+                reuse_actors=settings.reuse_actors,
             ),
             run_config=run_config,
         )
