@@ -34,6 +34,17 @@ def tiny_config(name: str = "simclr", **sections):
     return make_config(raw)
 
 
+def init_gloo(rank: int, world: int, tmp) -> None:
+    """Join a ``world``-process gloo group through a rendezvous file in ``tmp`` (one thread
+    per process: the workers share the CPU)."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world
+    )
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def tiny():
     return tiny_config

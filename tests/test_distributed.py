@@ -9,18 +9,11 @@ import torch.multiprocessing as mp
 
 from contrastlab.distributed import average_gradients, gather_cat, gather_cat_nograd
 from contrastlab.losses import nt_xent_loss, supcon_loss
-from tests.conftest import tiny_config
-
-
-def _init(rank, world, tmp):
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world
-    )
-    torch.set_num_threads(1)
+from tests.conftest import init_gloo, tiny_config
 
 
 def _grad_worker(rank, world, tmp, supervised):
-    _init(rank, world, tmp)
+    init_gloo(rank, world, tmp)
     torch.manual_seed(0)
     net = torch.nn.Linear(6, 4)
     g = torch.Generator().manual_seed(1)
@@ -58,7 +51,7 @@ def test_ddp_gradient_equals_full_batch_gradient(tmp_path, supervised):
 
 
 def _train_worker(rank, world, tmp, name):
-    _init(rank, world, tmp)
+    init_gloo(rank, world, tmp)
     from contrastlab.train import Trainer
 
     cfg = tiny_config(name, train={"epochs": 1, "batch_size": 64})

@@ -17,7 +17,7 @@ from contrastlab.methods import build_method
 from contrastlab.methods.cmc import CMC
 from contrastlab.models import build_backbone
 from contrastlab.train import Trainer
-from tests.conftest import tiny_config
+from tests.conftest import init_gloo, tiny_config
 
 # ----------------------------------------------------------------------------- colour spaces
 
@@ -312,10 +312,7 @@ def test_cmc_rejects_bad_config(method, section, match):
 
 
 def _ddp_worker(rank, world, tmp):
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world
-    )
-    torch.set_num_threads(1)
+    init_gloo(rank, world, tmp)
     torch.manual_seed(0)
     net = torch.nn.Linear(6, 4)
     x = torch.randn(3, 8, 6, generator=torch.Generator().manual_seed(1))  # [V, B, D_in]

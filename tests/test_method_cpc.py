@@ -14,7 +14,7 @@ from contrastlab.losses import cpc_loss
 from contrastlab.methods import build_method
 from contrastlab.methods.cpc import CPC, CausalContext, patch_grid
 from contrastlab.train import Trainer
-from tests.conftest import tiny_config
+from tests.conftest import init_gloo, tiny_config
 
 # ----------------------------------------------------------------------------- patches
 
@@ -224,10 +224,7 @@ def test_cpc_grid_on_cifar_sized_images():
 
 
 def _ddp_worker(rank, world, tmp):
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world
-    )
-    torch.set_num_threads(1)
+    init_gloo(rank, world, tmp)
     torch.manual_seed(0)
     net = torch.nn.Linear(6, 4)
     x = torch.randn(4, 3, 3, 6, generator=torch.Generator().manual_seed(1))  # [B, H, W, D_in]

@@ -21,7 +21,7 @@ from contrastlab.losses import (
 from contrastlab.methods import build_method
 from contrastlab.models import MemoryBank
 from contrastlab.train import Trainer
-from tests.conftest import tiny_config
+from tests.conftest import init_gloo, tiny_config
 
 
 def _unit(*shape, seed=0, dtype=torch.float64):
@@ -309,10 +309,7 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path):
 
 
 def _ddp_worker(rank, world, tmp, nce_k):
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world
-    )
-    torch.set_num_threads(1)
+    init_gloo(rank, world, tmp)
     cfg = tiny_config("instdisc", method={"nce_k": nce_k}, eval={"knn_every": 0})
     t = Trainer(cfg, run_dir=os.path.join(tmp, "run"))
     t.fit()

@@ -15,7 +15,7 @@ from contrastlab.distributed import average_gradients, gather_cat
 from contrastlab.losses import _log1mexp, invaspread_loss
 from contrastlab.methods import build_method
 from contrastlab.train import Trainer
-from tests.conftest import tiny_config
+from tests.conftest import init_gloo, tiny_config
 
 
 def _naive(z, t):
@@ -165,10 +165,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def _grad_worker(rank, world, tmp, detach_other):
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world
-    )
-    torch.set_num_threads(1)
+    init_gloo(rank, world, tmp)
     torch.manual_seed(0)
     net = torch.nn.Linear(6, 4)
     x = torch.randn(2, 8, 6, generator=torch.Generator().manual_seed(1))  # global batch

@@ -16,7 +16,7 @@ from contrastlab.distributed import broadcast_module, shuffle_rows, unshuffle_ro
 from contrastlab.methods import build_method
 from contrastlab.models import BatchShuffler, SplitBatchNorm, convert_split_batchnorm
 from contrastlab.train import Trainer
-from tests.conftest import tiny_config
+from tests.conftest import init_gloo, tiny_config
 
 # --------------------------------------------------------------------------- SplitBatchNorm
 
@@ -288,10 +288,7 @@ def test_splits_only_checked_for_shuffle_and_fields_are_logged():
 
 
 def _ddp_worker(rank, world, tmp):
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world
-    )
-    torch.set_num_threads(1)
+    init_gloo(rank, world, tmp)
     import contrastlab.methods.moco as moco_module
 
     out = {}
@@ -363,10 +360,7 @@ def test_two_workers_train_with_shuffle_bn_and_stay_identical(tmp_path):
 
 
 def _train_worker(rank, world, tmp):
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world
-    )
-    torch.set_num_threads(1)
+    init_gloo(rank, world, tmp)
     cfg = tiny_config("moco", method={"symmetric": True}, train={"epochs": 1})
     t = Trainer(cfg, run_dir=os.path.join(tmp, "run"))
     t.fit()
