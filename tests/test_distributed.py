@@ -4,12 +4,11 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from contrastlab.distributed import average_gradients, gather_cat, gather_cat_nograd
 from contrastlab.losses import nt_xent_loss, supcon_loss
-from tests.conftest import init_gloo, tiny_config
+from tests.conftest import init_gloo, leave_gloo, tiny_config
 
 
 def _grad_worker(rank, world, tmp, supervised):
@@ -29,7 +28,7 @@ def _grad_worker(rank, world, tmp, supervised):
     torch.save(
         {"w": net.weight.grad, "b": net.bias.grad, "loss": loss.detach()}, f"{tmp}/grad{rank}.pt"
     )
-    dist.destroy_process_group()
+    leave_gloo()
 
 
 @pytest.mark.parametrize("supervised", [False, True])
@@ -62,7 +61,7 @@ def _train_worker(rank, world, tmp, name):
         {"params": trainable, "final": res.final, "local_batch": t.local_batch},
         f"{tmp}/train{rank}.pt",
     )
-    dist.destroy_process_group()
+    leave_gloo()
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from contrastlab.colorspace import rgb_to_lab, rgb_to_ycbcr, to_colorspace
@@ -17,7 +16,7 @@ from contrastlab.methods import build_method
 from contrastlab.methods.cmc import CMC
 from contrastlab.models import build_backbone
 from contrastlab.train import Trainer
-from tests.conftest import init_gloo, tiny_config
+from tests.conftest import init_gloo, leave_gloo, tiny_config
 
 # ----------------------------------------------------------------------------- colour spaces
 
@@ -322,7 +321,7 @@ def _ddp_worker(rank, world, tmp):
     loss.backward()
     average_gradients(net)
     torch.save({"w": net.weight.grad, "loss": loss.detach()}, f"{tmp}/grad{rank}.pt")
-    dist.destroy_process_group()
+    leave_gloo()
 
 
 @pytest.mark.slow  # two spawned processes: their start-up dominates

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from contrastlab.config import ConfigError
@@ -14,7 +13,7 @@ from contrastlab.losses import cpc_loss
 from contrastlab.methods import build_method
 from contrastlab.methods.cpc import CPC, CausalContext, patch_grid
 from contrastlab.train import Trainer
-from tests.conftest import init_gloo, tiny_config
+from tests.conftest import init_gloo, leave_gloo, tiny_config
 
 # ----------------------------------------------------------------------------- patches
 
@@ -235,7 +234,7 @@ def _ddp_worker(rank, world, tmp):
     loss.backward()
     average_gradients(net)
     torch.save({"w": net.weight.grad, "b": net.bias.grad}, f"{tmp}/grad{rank}.pt")
-    dist.destroy_process_group()
+    leave_gloo()
 
 
 @pytest.mark.slow  # two spawned processes: their start-up dominates

@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
@@ -21,7 +20,7 @@ from contrastlab.losses import (
 from contrastlab.methods import build_method
 from contrastlab.models import MemoryBank
 from contrastlab.train import Trainer
-from tests.conftest import init_gloo, tiny_config
+from tests.conftest import init_gloo, leave_gloo, tiny_config
 
 
 def _unit(*shape, seed=0, dtype=torch.float64):
@@ -325,7 +324,7 @@ def _ddp_worker(rank, world, tmp, nce_k):
         },
         f"{tmp}/bank{rank}.pt",
     )
-    dist.destroy_process_group()
+    leave_gloo()
 
 
 @pytest.mark.slow

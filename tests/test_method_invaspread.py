@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
@@ -15,7 +14,7 @@ from contrastlab.distributed import average_gradients, gather_cat
 from contrastlab.losses import _log1mexp, invaspread_loss
 from contrastlab.methods import build_method
 from contrastlab.train import Trainer
-from tests.conftest import init_gloo, tiny_config
+from tests.conftest import init_gloo, leave_gloo, tiny_config
 
 
 def _naive(z, t):
@@ -175,7 +174,7 @@ def _grad_worker(rank, world, tmp, detach_other):
     loss.backward()
     average_gradients(net)
     torch.save({"w": net.weight.grad, "loss": loss.detach()}, f"{tmp}/grad{rank}.pt")
-    dist.destroy_process_group()
+    leave_gloo()
 
 
 @pytest.mark.slow

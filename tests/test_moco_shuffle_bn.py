@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +15,7 @@ from contrastlab.distributed import broadcast_module, shuffle_rows, unshuffle_ro
 from contrastlab.methods import build_method
 from contrastlab.models import BatchShuffler, SplitBatchNorm, convert_split_batchnorm
 from contrastlab.train import Trainer
-from tests.conftest import init_gloo, tiny_config
+from tests.conftest import init_gloo, leave_gloo, tiny_config
 
 # --------------------------------------------------------------------------- SplitBatchNorm
 
@@ -318,7 +317,7 @@ def _ddp_worker(rank, world, tmp):
     out["split_bn"] = any(isinstance(mod, SplitBatchNorm) for mod in m.modules())
     out["key_encoder"] = m.key_encoder.state_dict()
     torch.save(out, f"{tmp}/keys{rank}.pt")
-    dist.destroy_process_group()
+    leave_gloo()
 
 
 def test_two_workers_shuffle_keys_across_workers(tmp_path):
@@ -372,4 +371,4 @@ def _train_worker(rank, world, tmp):
         },
         f"{tmp}/train{rank}.pt",
     )
-    dist.destroy_process_group()
+    leave_gloo()
