@@ -256,6 +256,17 @@ def test_cmc_defaults_follow_the_paper():
     assert not aug.normalize and aug.jitter_p == aug.grayscale_p == aug.blur_p == 0.0
 
 
+def test_cmc_monitor_is_smaller_and_explicit_sizes_win():
+    # one cheap crop per image: the default 10000 + 2000 monitor images would cost ~10% of a
+    # CIFAR-10 epoch, so CMC resolves a smaller monitor; the others keep the default
+    ev = make_config({"method": {"name": "cmc"}}).eval
+    assert (ev.monitor_train_size, ev.monitor_test_size, ev.knn_full_at_end) == (4000, 1000, True)
+    ev = make_config({"method": {"name": "simclr"}}).eval
+    assert (ev.monitor_train_size, ev.monitor_test_size) == (10000, 2000)
+    ev = make_config({"method": {"name": "cmc"}, "eval": {"monitor_train_size": 0}}).eval
+    assert (ev.monitor_train_size, ev.monitor_test_size) == (0, 1000)
+
+
 def test_cmc_trains_and_loss_falls():
     # tiny_config splits R | GB on the gray digits (Lab's ab view would be constant)
     cfg = tiny_config("cmc", method={"temperature": 0.2})

@@ -392,8 +392,11 @@ def _utilisation(
     }
 
 
-def _epoch_and_knn(trainer: Trainer, epoch_images: int | None = None) -> dict[str, Any]:
-    """One real epoch through ``train_epoch``, then the kNN monitor, both timed.
+def _epoch_and_knn(
+    trainer: Trainer, epoch_images: int | None = None, repeats: int = 1
+) -> dict[str, Any]:
+    """One real epoch through ``train_epoch``, then the kNN monitor, both timed; the monitor
+    ``repeats`` times, its median reported (single calls varied by up to 1.6x between runs on a quiet CPU).
 
     With ``epoch_images`` below the training set, the epoch runs over its first
     ``epoch_images`` images and its time is scaled up to the whole set (steps cost the same).
@@ -416,10 +419,13 @@ def _epoch_and_knn(trainer: Trainer, epoch_images: int | None = None) -> dict[st
         # untimed first call: torch.compile and cuDNN autotuning see the eval-mode shapes
         # once per run, not once per epoch (on CPU, eager, a first call costs nothing extra)
         trainer.evaluate_knn()
-    _sync(device)
-    start = time.perf_counter()
-    knn = trainer.evaluate_knn()  # returns floats: already synchronised
-    knn_s = time.perf_counter() - start
+    times = []
+    for _ in range(max(1, repeats)):
+        _sync(device)
+        start = time.perf_counter()
+        knn = trainer.evaluate_knn()  # returns floats: already synchronised
+        times.append(time.perf_counter() - start)
+    knn_s = statistics.median(times)
     return {
         "train_size": len(trainer.train_set),
         "test_size": len(trainer.test_set),
@@ -622,7 +628,7 @@ def measure(
         model_s = row["views_per_step"] / row["model_views_per_s"]
         row.update(_utilisation(device, trainer.cfg, flops, row["step_s"], model_s))
         if s.epoch:
-            row.update(_epoch_and_knn(trainer, s.epoch_images))
+            row.update(_epoch_and_knn(trainer, s.epoch_images, s.repeats))
     return out
 
 
