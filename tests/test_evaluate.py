@@ -46,3 +46,38 @@ def test_linear_probe_learns_a_linear_rule():
     yr = torch.randint(0, 2, (400,), generator=g)
     res = linear_probe(x[:300], yr[:300], x[300:], yr[300:], 2, EvalConfig(probe_epochs=30))
     assert res["probe_top1"] < 70
+
+
+def test_cpu_blocked_forward_gives_bit_identical_features(monkeypatch):
+    # evaluate forwards CPU_FORWARD_ROWS rows at a time on the CPU (speed only): every image's
+    # features must equal those of one forward over the whole batch, tail block included
+    from contrastlab import evaluate
+    from contrastlab.models import build_backbone
+
+    torch.manual_seed(0)
+    net, _ = build_backbone("convnet")
+    net = net.to(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8)
+
+    def to_input(x):
+        return (x.float() / 255).contiguous(memory_format=torch.channels_last)
+
+    def patches(x, n, gen):  # random crops, like EMP-SSL's patch views
+        off = torch.randint(0, 9, (n, 2), generator=gen)
+        return torch.stack([to_input(x[..., i : i + 24, j : j + 24]) for i, j in off.tolist()])
+
+    cpu = torch.device("cpu")
+
+    def both():
+        return (
+            evaluate.extract_features(net, images, to_input, 128, cpu),
+            evaluate.patch_averaged_features(net, images, patches, 4, 128, cpu, seed=3),
+        )
+
+    assert evaluate.CPU_FORWARD_ROWS < 128  # blocks inside each extraction batch
+    blocked = both()
+    monkeypatch.setattr(evaluate, "CPU_FORWARD_ROWS", 10**6)
+    whole = both()
+    for b, w in zip(blocked, whole, strict=True):
+        assert b.shape == w.shape and torch.equal(b, w)
+    assert net.training  # eval mode was restored

@@ -16,6 +16,23 @@ from torch import nn
 
 from contrastlab.config import EvalConfig
 
+#: Rows per forward pass on the CPU. A small convnet's eval forward runs about 1.5-1.9x
+#: faster on 64-image blocks than on 512 (they stay in cache; ResNet-18 gains ~15%), and every
+#: image's features are bit-identical either way (tests/test_evaluate.py), so this is speed
+#: only: ``eval.batch_size`` still sets the extraction batch (and EMP-SSL's patch draws).
+CPU_FORWARD_ROWS = 64
+
+
+def _encode(
+    encoder: nn.Module, x: torch.Tensor, device: torch.device, autocast_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """``encoder(x)`` as float32, in blocks of :data:`CPU_FORWARD_ROWS` rows on the CPU."""
+    rows = CPU_FORWARD_ROWS if device.type == "cpu" else max(1, x.shape[0])
+    with torch.autocast(
+        device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+    ):
+        return torch.cat([encoder(x[i : i + rows]).float() for i in range(0, x.shape[0], rows)])
+
 
 @torch.no_grad()
 def extract_features(
@@ -45,10 +62,7 @@ def extract_features(
     out = []
     for start in range(0, images.shape[0], batch_size):
         x = transform(images[start : start + batch_size].to(device, non_blocking=True))
-        with torch.autocast(
-            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-        ):
-            out.append(encoder(x).float())
+        out.append(_encode(encoder, x, device, autocast_dtype))
     encoder.train(was_training)
     return torch.cat(out)
 
@@ -82,10 +96,7 @@ def patch_averaged_features(
     for start in range(0, images.shape[0], per_batch):
         x = images[start : start + per_batch].to(device, non_blocking=True)
         views = patch_view(x, num_patches, gen)  # [P, B, 3, S, S]
-        with torch.autocast(
-            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-        ):
-            f = encoder(views.flatten(0, 1)).float()  # [P*B, F]
+        f = _encode(encoder, views.flatten(0, 1), device, autocast_dtype)  # [P*B, F]
         out.append(f.view(num_patches, x.shape[0], -1).mean(0))
     encoder.train(was_training)
     return torch.cat(out)
