@@ -396,7 +396,8 @@ def _epoch_and_knn(
     trainer: Trainer, epoch_images: int | None = None, repeats: int = 1
 ) -> dict[str, Any]:
     """One real epoch through ``train_epoch``, then the kNN monitor, both timed; the monitor
-    ``repeats`` times, its median reported (single calls varied by up to 1.6x between runs on a quiet CPU).
+    ``repeats`` times, its median reported (single calls varied by up to 1.6x between runs on
+    a quiet CPU).
 
     With ``epoch_images`` below the training set, the epoch runs over its first
     ``epoch_images`` images and its time is scaled up to the whole set (steps cost the same).

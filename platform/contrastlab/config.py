@@ -423,9 +423,9 @@ METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     # must not normalise. Upstream's L/ab recipe is crop + flip only: no colour jitter, and no
     # grayscale or blur (a grayscale image has a constant ab view).
     # Its kNN monitor is smaller: one crop through two half-width encoders makes a CMC epoch
-    # about 3x cheaper than SimCLR's, and the default 10000 + 2000 monitor images cost 9.8% of
-    # a CIFAR-10 epoch (bench, CPU); 4000 + 1000 cost 4.3%, under the 5% budget. knn_full_* at
-    # the end still uses every image, so final numbers compare across methods.
+    # 3-4x cheaper than SimCLR's, and the default 10000 + 2000 monitor images cost 9.8% of a
+    # CIFAR-10 epoch (bench, CPU); 4000 + 1000 cost 3.9-4.3%, under the 5% budget. Its
+    # knn_full_* at the end still uses every image, so final numbers compare across methods.
     "cmc": {
         "augment": {"normalize": False, "jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0},
         "eval": {"monitor_train_size": 4000, "monitor_test_size": 1000},
