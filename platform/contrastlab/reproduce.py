@@ -33,6 +33,7 @@ import yaml
 
 from contrastlab import tracking
 from contrastlab.config import Config, ConfigError, make_config
+from contrastlab.distributed import exit_spawned_worker
 
 COMPARED = ("loss", "knn_top1", "knn_top5")
 THREADS_TAG = "contrastlab.torch_threads"
@@ -150,8 +151,10 @@ def _ddp_worker(
         train(cfg, run_dir=run_dir, hooks=[_stop_hook(stop)])
     except _StopAfterError:
         pass
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_spawned_worker()  # every rank done: leave the group and skip a racy teardown
 
 
 def _stop_hook(stop: int):
