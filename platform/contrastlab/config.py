@@ -491,7 +491,13 @@ class EvalConfig(_Strict):
     probe_epochs: int = Field(100, ge=1)
     probe_lr: float = Field(0.1, gt=0)
     probe_weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(512, ge=1, description="feature extraction batch size")
+    batch_size: int = Field(
+        512,
+        ge=1,
+        description="feature extraction batch size; with feature='patch_avg' it also groups "
+        "the random patch draws (batch_size // num_patches images per draw), so it changes "
+        "EMP-SSL's numbers",
+    )
 
 
 # --------------------------------------------------------------------------- training
