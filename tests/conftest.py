@@ -45,15 +45,6 @@ def init_gloo(rank: int, world: int, tmp) -> None:
     torch.set_num_threads(1)
 
 
-def leave_gloo() -> None:
-    """End a DDP test worker that succeeded: barrier, leave the group, exit at once
-    (:func:`contrastlab.distributed.exit_spawned_worker`; a plain return aborted a worker in
-    interpreter teardown in about 6 of 100 runs)."""
-    from contrastlab.distributed import exit_spawned_worker
-
-    exit_spawned_worker()
-
-
 @pytest.fixture
 def tiny():
     return tiny_config

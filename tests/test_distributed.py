@@ -6,9 +6,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from contrastlab.distributed import average_gradients, gather_cat, gather_cat_nograd
+from contrastlab.distributed import (
+    average_gradients,
+    exit_spawned_worker,
+    gather_cat,
+    gather_cat_nograd,
+)
 from contrastlab.losses import nt_xent_loss, supcon_loss
-from tests.conftest import init_gloo, leave_gloo, tiny_config
+from tests.conftest import init_gloo, tiny_config
 
 
 def _grad_worker(rank, world, tmp, supervised):
@@ -28,7 +33,7 @@ def _grad_worker(rank, world, tmp, supervised):
     torch.save(
         {"w": net.weight.grad, "b": net.bias.grad, "loss": loss.detach()}, f"{tmp}/grad{rank}.pt"
     )
-    leave_gloo()
+    exit_spawned_worker()  # barrier, leave the group, skip a racy teardown
 
 
 @pytest.mark.parametrize("supervised", [False, True])
@@ -61,7 +66,7 @@ def _train_worker(rank, world, tmp, name):
         {"params": trainable, "final": res.final, "local_batch": t.local_batch},
         f"{tmp}/train{rank}.pt",
     )
-    leave_gloo()
+    exit_spawned_worker()  # barrier, leave the group, skip a racy teardown
 
 
 @pytest.mark.slow

@@ -10,13 +10,13 @@ import torch.multiprocessing as mp
 
 from contrastlab.colorspace import rgb_to_lab, rgb_to_ycbcr, to_colorspace
 from contrastlab.config import ConfigError, make_config
-from contrastlab.distributed import average_gradients, gather_cat
+from contrastlab.distributed import average_gradients, exit_spawned_worker, gather_cat
 from contrastlab.losses import cmc_loss, cmc_view_pairs
 from contrastlab.methods import build_method
 from contrastlab.methods.cmc import CMC
 from contrastlab.models import build_backbone
 from contrastlab.train import Trainer
-from tests.conftest import init_gloo, leave_gloo, tiny_config
+from tests.conftest import init_gloo, tiny_config
 
 # ----------------------------------------------------------------------------- colour spaces
 
@@ -332,7 +332,7 @@ def _ddp_worker(rank, world, tmp):
     loss.backward()
     average_gradients(net)
     torch.save({"w": net.weight.grad, "loss": loss.detach()}, f"{tmp}/grad{rank}.pt")
-    leave_gloo()
+    exit_spawned_worker()  # barrier, leave the group, skip a racy teardown
 
 
 @pytest.mark.slow  # two spawned processes: their start-up dominates

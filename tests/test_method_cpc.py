@@ -8,12 +8,12 @@ import torch
 import torch.multiprocessing as mp
 
 from contrastlab.config import ConfigError
-from contrastlab.distributed import average_gradients, gather_cat
+from contrastlab.distributed import average_gradients, exit_spawned_worker, gather_cat
 from contrastlab.losses import cpc_loss
 from contrastlab.methods import build_method
 from contrastlab.methods.cpc import CPC, CausalContext, patch_grid
 from contrastlab.train import Trainer
-from tests.conftest import init_gloo, leave_gloo, tiny_config
+from tests.conftest import init_gloo, tiny_config
 
 # ----------------------------------------------------------------------------- patches
 
@@ -234,7 +234,7 @@ def _ddp_worker(rank, world, tmp):
     loss.backward()
     average_gradients(net)
     torch.save({"w": net.weight.grad, "b": net.bias.grad}, f"{tmp}/grad{rank}.pt")
-    leave_gloo()
+    exit_spawned_worker()  # barrier, leave the group, skip a racy teardown
 
 
 @pytest.mark.slow  # two spawned processes: their start-up dominates

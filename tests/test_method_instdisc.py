@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from contrastlab.config import ConfigError, make_config
+from contrastlab.distributed import exit_spawned_worker
 from contrastlab.losses import (
     instance_softmax_loss,
     nce_log_partition,
@@ -20,7 +21,7 @@ from contrastlab.losses import (
 from contrastlab.methods import build_method
 from contrastlab.models import MemoryBank
 from contrastlab.train import Trainer
-from tests.conftest import init_gloo, leave_gloo, tiny_config
+from tests.conftest import init_gloo, tiny_config
 
 
 def _unit(*shape, seed=0, dtype=torch.float64):
@@ -324,7 +325,7 @@ def _ddp_worker(rank, world, tmp, nce_k):
         },
         f"{tmp}/bank{rank}.pt",
     )
-    leave_gloo()
+    exit_spawned_worker()  # barrier, leave the group, skip a racy teardown
 
 
 @pytest.mark.slow

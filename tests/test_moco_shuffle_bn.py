@@ -11,11 +11,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from contrastlab.config import ConfigError
-from contrastlab.distributed import broadcast_module, shuffle_rows, unshuffle_rows
+from contrastlab.distributed import (
+    broadcast_module,
+    exit_spawned_worker,
+    shuffle_rows,
+    unshuffle_rows,
+)
 from contrastlab.methods import build_method
 from contrastlab.models import BatchShuffler, SplitBatchNorm, convert_split_batchnorm
 from contrastlab.train import Trainer
-from tests.conftest import init_gloo, leave_gloo, tiny_config
+from tests.conftest import init_gloo, tiny_config
 
 # --------------------------------------------------------------------------- SplitBatchNorm
 
@@ -317,7 +322,7 @@ def _ddp_worker(rank, world, tmp):
     out["split_bn"] = any(isinstance(mod, SplitBatchNorm) for mod in m.modules())
     out["key_encoder"] = m.key_encoder.state_dict()
     torch.save(out, f"{tmp}/keys{rank}.pt")
-    leave_gloo()
+    exit_spawned_worker()  # barrier, leave the group, skip a racy teardown
 
 
 def test_two_workers_shuffle_keys_across_workers(tmp_path):
@@ -371,4 +376,4 @@ def _train_worker(rank, world, tmp):
         },
         f"{tmp}/train{rank}.pt",
     )
-    leave_gloo()
+    exit_spawned_worker()  # barrier, leave the group, skip a racy teardown
