@@ -320,10 +320,14 @@ class TrialRun:
         else:  # a restarted trial continues its own run
             self.run_id = existing
             c.update_run(self.run_id, status="RUNNING")
-        # epochs already in MLflow: a restarted trial re-trains them from its last checkpoint
-        # (bit for bit on CPU) and must not log them twice
+        # epochs already in MLflow: a restarted trial re-trains those after its last checkpoint
+        # (bit for bit on CPU) and must not log them twice. MLflow cannot delete a logged
+        # value, so a re-trained epoch whose loss differs (GPU non-determinism) is not logged
+        # again either; the run is tagged with the epochs that differ (see log_epoch)
         hist = c.get_metric_history(self.run_id, "loss") if not self.created else []
-        self.logged_through = max((m.step for m in hist), default=-1)
+        self.logged_loss = {m.step: m.value for m in hist}
+        self.logged_through = max(self.logged_loss, default=-1)
+        self.retrained_differ: list[int] = []
         self.pending: list[tuple[int, dict[str, float]]] = []
         self.spool = spool
         self._uncertain = False
@@ -332,6 +336,15 @@ class TrialRun:
         """Log one epoch's metrics; while the server is unreachable they wait in ``pending``
         (and in the spool file) and go out, in order, with the next call that succeeds."""
         if epoch <= self.logged_through and epoch > 0:
+            logged = self.logged_loss.get(epoch)
+            if logged is not None and "loss" in metrics and float(metrics["loss"]) != logged:
+                self.retrained_differ.append(epoch)
+                self.set_tag(
+                    "contrastlab.retrained_epochs_differ",
+                    json.dumps(self.retrained_differ)
+                    + ": trained again after a restart with another loss than logged; MLflow "
+                    "keeps the first values, the run directory's metrics.jsonl the new ones",
+                )
             return
         self.pending.append((epoch, dict(metrics)))
         self.flush()
@@ -371,6 +384,9 @@ class TrialRun:
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         client(self.uri).log_artifact(self.run_id, str(path), folder)
+
+    def set_tag(self, key: str, value: str) -> None:
+        client(self.uri).set_tag(self.run_id, key, value)
 
     def log_text(self, text: str, name: str) -> None:
         client(self.uri).log_text(self.run_id, text, name)

@@ -284,9 +284,12 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
         if state.get("format") != "contrastlab-checkpoint-v1":
             raise CheckpointError(f"{source}: not a contrastlab checkpoint (no format tag)")
-        saved = make_config(yaml.safe_load(state["config_yaml"]))
-        if saved.to_dict() != self.cfg.to_dict():
-            diff = [k for k, v in self.cfg.flat().items() if saved.flat().get(k) != v]
+        # only fields that change results must match: where the run lives (a resumed sweep's
+        # new Ray session, a run directory moved or copied elsewhere) does not
+        saved = make_config(yaml.safe_load(state["config_yaml"])).tracked_params()
+        here = self.cfg.tracked_params()
+        if saved != here:
+            diff = sorted(k for k in saved.keys() | here.keys() if saved.get(k) != here.get(k))
             raise CheckpointError(f"{source} was written by a different config; differs in {diff}")
         self._load_model_state(state, source)
         self.optimizer.load_state_dict(state["optimizer"])

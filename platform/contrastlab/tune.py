@@ -288,6 +288,13 @@ def _train_trial(
 
     resumed = _restore_checkpoint(ckpt, run_dir)
     run = _open_run(settings, trial_id, trial_name, cfg, run_dir) if is_main else None
+    if run is not None and resumed:
+        # which epoch the restarted trial continued from: the epochs after it are trained again
+        start = int(sorted((run_dir / "checkpoints").glob("epoch_*.pt"))[-1].stem.split("_")[1])
+        run.set_tag("contrastlab.resumed_from_epoch", str(start))
+        print(
+            f"contrastlab: trial {trial_id} continues from its epoch {start} checkpoint", flush=True
+        )
     hook = _report_hook(report_fn, checkpoint_cls, run, is_main, cfg.train.epochs, run_dir)
     try:
         train(cfg, run_dir=run_dir, resume=resumed, hooks=[hook])
@@ -311,12 +318,29 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def trial_run_dir(settings: SweepSettings, trial_dir: str) -> Path:
+    """Where a one-worker trial keeps its run directory (config, metrics, checkpoints).
+
+    Ray's trial directory (``trial_dir``) lies under the Ray session's temp folder, which a
+    sweep resumed after its driver (and the local Ray with it) died does not share. With a
+    filesystem ``storage_path`` (local disk, or NFS on a cluster) the run directory therefore
+    lives in the sweep's own storage, ``<storage>/<sweep>/<trial dir name>/run``, the same
+    place in every session. On object storage (``s3://...``) it stays in Ray's trial directory;
+    a restarted trial then continues from the checkpoint Ray persisted.
+    """
+    if "://" in settings.storage_path:
+        return Path(trial_dir) / "run"
+    return (
+        Path(_experiment_dir(settings.storage_path, settings.name)) / Path(trial_dir).name / "run"
+    )
+
+
 def trial_direct(params: dict[str, Any], settings: SweepSettings) -> None:
     """A Tune function trainable that trains in this process (one worker)."""
     from ray import tune
 
     ctx = tune.get_context()
-    run_dir = Path(ctx.get_trial_dir()) / "run"
+    run_dir = trial_run_dir(settings, ctx.get_trial_dir())
     cfg = _trial_config(settings, params, run_dir)
     _train_trial(
         cfg,
