@@ -9,6 +9,7 @@ second one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -339,12 +340,14 @@ class TrialRun:
             logged = self.logged_loss.get(epoch)
             if logged is not None and "loss" in metrics and float(metrics["loss"]) != logged:
                 self.retrained_differ.append(epoch)
-                self.set_tag(
-                    "contrastlab.retrained_epochs_differ",
-                    json.dumps(self.retrained_differ)
-                    + ": trained again after a restart with another loss than logged; MLflow "
-                    "keeps the first values, the run directory's metrics.jsonl the new ones",
-                )
+                with contextlib.suppress(Exception):  # a tag must not stop training
+                    self.set_tag(
+                        "contrastlab.retrained_epochs_differ",
+                        json.dumps(self.retrained_differ)
+                        + ": trained again after a restart with another loss than logged; "
+                        "MLflow keeps the first values, the run directory's metrics.jsonl "
+                        "the new ones",
+                    )
             return
         self.pending.append((epoch, dict(metrics)))
         self.flush()

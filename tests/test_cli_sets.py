@@ -1,0 +1,64 @@
+"""`contrastlab sweep|ablate --set KEY=VALUE`: applied to the spec's base, checked before
+anything starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from contrastlab.ablate import load_ablation
+from contrastlab.cli import apply_sets, main
+from contrastlab.config import ConfigError
+from contrastlab.spaces import load_space
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = ROOT / "search_spaces" / "simclr.yaml"
+SPEC = ROOT / "search_spaces" / "ablations" / "digits_supcon_contrast_count.yaml"
+
+
+def test_set_changes_the_base_of_every_trial_and_fixes_a_searched_param():
+    space = load_space(SPACE)
+    assert "method.temperature" in space.param_paths
+    out = apply_sets(
+        space,
+        ["data.dataset=digits", "data.image_size=16", "method.temperature=0.2"],
+        "sweep",
+    )
+    assert "method.temperature" not in out.param_paths  # fixed, no longer searched
+    cfg = out.config_for({p.path: p.reference for p in out.params})
+    assert (cfg.data.dataset, cfg.data.image_size, cfg.method.temperature) == ("digits", 16, 0.2)
+    assert out.trials == space.trials and out.name == space.name
+
+
+def test_set_on_an_ablation_changes_every_cell_but_not_a_factor():
+    spec = load_ablation(SPEC)
+    out = apply_sets(spec, ["method.temperature=0.3", "data.image_size=12"], "ablate")
+    for cell in out.cells:
+        cfg = out.config_for({**cell, "train.seed": 0})
+        assert (cfg.method.temperature, cfg.data.image_size) == (0.3, 12)
+    with pytest.raises(ConfigError, match="method.contrast_count: is a factor"):
+        apply_sets(spec, ["method.contrast_count=2"], "ablate")
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "path"), [("sweep", "--space", SPACE), ("ablate", "--spec", SPEC)]
+)
+def test_a_bad_set_key_is_a_clear_error_and_nothing_starts(
+    tmp_path, capsys, monkeypatch, command, flag, path
+):
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "mlflow.db"
+    rc = main(
+        [command, flag, str(path), "--set", "data.datset=x", "--tracking-uri", f"sqlite:///{db}"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "base.data.datset: unknown key (did you mean 'dataset'?)" in err
+    assert "--set data.datset=x" in err
+    assert not db.exists() and not (tmp_path / "sweeps").exists()  # no MLflow, no trial
+    assert not ray.is_initialized()
+    rc = main([command, flag, str(path), "--set", "optim.lr=-1"])
+    assert rc == 2 and "optim.lr" in capsys.readouterr().err
