@@ -396,7 +396,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             if rec["key"] in done:
                 progress(f"{task} / {NAIVE}", "in results: skipped")
             else:
-                torch.manual_seed(args.seed)
                 n = naive_simclr(splits, args.naive_epochs, KNN, seed=args.seed)
                 rec.update(
                     init_knn=n["init_knn_top1"],
