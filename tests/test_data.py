@@ -25,7 +25,7 @@ from contrastlab.data import (
     resize_uint8,
     stratified_split,
 )
-from contrastlab.data.digits import _read_digits
+from contrastlab.data.digits import read_digits
 
 
 def chw(images_hwc: np.ndarray) -> torch.Tensor:
@@ -76,7 +76,7 @@ def test_digits_native_size_matches_sklearn() -> None:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    pixels, target = _read_digits()
+    pixels, target = read_digits()
     np.testing.assert_array_equal(pixels, bunch.images)
     np.testing.assert_array_equal(target, bunch.target)
     s = load_dataset(DataConfig(dataset="digits", image_size=8, test_fraction=0.1))
@@ -86,7 +86,7 @@ def test_digits_native_size_matches_sklearn() -> None:
 
 
 def test_digits_is_fast() -> None:
-    _read_digits.cache_clear()
+    read_digits.cache_clear()
     t0 = time.perf_counter()
     load_dataset(DataConfig(dataset="digits", image_size=32))
     assert time.perf_counter() - t0 < 1.0
@@ -99,7 +99,7 @@ def test_digits_split_deterministic_and_stratified() -> None:
     assert torch.equal(a.test.images, b.test.images) and torch.equal(a.test.labels, b.test.labels)
     assert not torch.equal(a.test.images, c.test.images)
     # Each class is held out in proportion to its size (+-1 from rounding).
-    _, target = _read_digits()
+    _, target = read_digits()
     per_class = torch.bincount(torch.tensor(target), minlength=10).numpy()
     held_out = torch.bincount(a.test.labels, minlength=10).numpy()
     assert np.all(np.abs(held_out - 0.25 * per_class) <= 1)

@@ -18,7 +18,7 @@ DIGITS_CLASSES = tuple(str(i) for i in range(10))
 
 
 @functools.lru_cache(maxsize=1)
-def _read_digits() -> tuple[np.ndarray, np.ndarray]:
+def read_digits() -> tuple[np.ndarray, np.ndarray]:
     """``(int64 [1797, 8, 8] in 0..16, int64 [1797] in 0..9)``, the data of ``load_digits()``.
 
     ``import sklearn`` alone takes over a second, so the CSV that ``load_digits`` reads (64
@@ -50,7 +50,7 @@ def load_digits_splits(cfg: DataConfig) -> DatasetSplits:
     Returns:
         The train/test splits, 10 classes.
     """
-    pixels, target = _read_digits()
+    pixels, target = read_digits()
     # [1797, 8, 8] in 0..16 -> float32 [1797, 1, 8, 8] in 0..255.
     x = torch.from_numpy(pixels.astype(np.float32) * (255.0 / 16.0))[:, None]
     s = cfg.image_size
