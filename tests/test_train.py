@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -360,7 +361,12 @@ def test_monitors_every_epoch_and_the_automatic_knn_k_is_recorded(tmp_path):
     )
     assert last["nuisance_r2"] == pytest.approx(float(r2.mean()), rel=1e-9)
     z1, z2 = evaluate.paired_view_features(
-        t.method.backbone, mem.images[:512], t.augment, cfg.eval.batch_size, t.device, seed=0
+        t.method.backbone,
+        mem.images[: cfg.eval.label_free_size],
+        t.augment,
+        cfg.eval.batch_size,
+        t.device,
+        seed=0,
     )
     assert last["alignment"] == pytest.approx(evaluate.alignment(z1, z2), rel=1e-9)
     unif = (evaluate.uniformity(z1) + evaluate.uniformity(z2)) / 2
@@ -409,3 +415,35 @@ def test_a_collapsing_run_is_diagnosed_named_and_recorded(tmp_path, capfd):
     capfd.readouterr()
     train(loud, run_dir=tmp_path / "loud")
     assert "contrastlab diagnosis: collapse: the features" in capfd.readouterr().err
+
+
+def test_the_tune_hook_tags_the_trials_mlflow_run_with_the_diagnosis(tmp_path):
+    """The Tune report hook runs evaluate.diagnose on its own running history (seeded with the
+    epoch-0 row of metrics.jsonl) and sets contrastlab.diagnosis on the trial's run."""
+    from contrastlab.tune import DIAGNOSIS_TAG, _report_hook
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = tracking.experiment_id(uri, "diag")
+    parent = tracking.client(uri).create_run(exp).info.run_id
+    run = tracking.TrialRun(uri, exp, parent, "t0", "trial_0", {})
+    reports = []
+
+    class Checkpoint:  # what the hook hands Ray: a directory it copied the epoch file into
+        @staticmethod
+        def from_directory(d):
+            return sorted(p.name for p in Path(d).iterdir())
+
+    def report(metrics, checkpoint=None):
+        reports.append((metrics["epoch"], checkpoint))
+
+    collapse = {"method": {"tcr_weight": 0.0}, "model": {"head": "none"}}
+    cfg = tiny_config("emp_ssl", train={"epochs": 2}, **collapse)
+    hook = _report_hook(report, Checkpoint, run, True, cfg.train.epochs, tmp_path / "run")
+    with pytest.warns(RuntimeWarning, match="diagnosis: collapse"):
+        train(cfg, run_dir=tmp_path / "run", hooks=[hook])
+    assert reports == [(1, ["epoch_0001.pt"]), (2, ["epoch_0002.pt"])]
+    got = tracking.client(uri).get_run(run.run_id)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert got.data.tags[DIAGNOSIS_TAG] == "\n".join(d["message"] for d in summary["diagnosis"])
+    assert got.data.tags[DIAGNOSIS_TAG].startswith("collapse: the features")
+    assert got.data.metrics["rankme"] < 2 and "nuisance_r2" in got.data.metrics

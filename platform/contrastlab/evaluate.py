@@ -259,20 +259,21 @@ def protocol(
     """
     feat = f"patch_avg(n={cfg.num_patches})" if cfg.feature == "patch_avg" else "backbone"
     if which == "knn":
-        sized = memory_size is not None and num_classes is not None
         out: dict[str, Any] = {
             "protocol": "weighted_knn",
-            "k": knn_k(cfg, memory_size, num_classes) if sized else cfg.knn_k,  # type: ignore[arg-type]
+            "k": cfg.knn_k,
             "k_auto": cfg.knn_k is None,
         }
         if cfg.knn_k is None:
             out["k_rule"] = (
                 f"round(N_memory / ({KNN_K_CLASS_SHARE} * classes)) clipped to "
                 f"[{KNN_K_MIN}, {KNN_K_MAX}]"
-                + (f"; N_memory={memory_size}, classes={num_classes}" if sized else "")
             )
-            if sized and full_memory_size is not None:
-                out["k_full"] = auto_knn_k(full_memory_size, num_classes)  # type: ignore[arg-type]
+            if memory_size is not None and num_classes is not None:
+                out["k"] = auto_knn_k(memory_size, num_classes)
+                out["k_rule"] += f"; N_memory={memory_size}, classes={num_classes}"
+                if full_memory_size is not None:
+                    out["k_full"] = auto_knn_k(full_memory_size, num_classes)
         out.update(
             {
                 "t": cfg.knn_t,

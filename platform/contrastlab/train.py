@@ -596,8 +596,8 @@ class Trainer:
         if resumed and self.is_main:
             # what the interrupted attempt said (and printed), each at its epoch
             for end in range(1, len(self.history) + 1):
-                final = self.history[end - 1].get("epoch") == t.epochs
-                evaluate.update_diagnoses(self.history[:end], self.diagnoses, final=final)
+                last = self.history[end - 1].get("epoch") == t.epochs
+                evaluate.update_diagnoses(self.history[:end], self.diagnoses, final=last)
         if self.is_main:
             self._write_run_files()
         if self.is_main:
