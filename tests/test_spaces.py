@@ -167,6 +167,19 @@ def _space(tmp_path, name: str = "space", **changes: Any) -> Path:
     return path
 
 
+@pytest.mark.parametrize(
+    "metric, mode",
+    [("rankme", "max"), ("alignment", "min"), ("uniformity", "min"), ("nuisance_r2", "min")],
+)
+def test_a_space_may_optimise_a_label_free_monitor(tmp_path, metric, mode):
+    # no labels needed: any method may use them (ASHA then stops collapsed trials on rankme)
+    for method in ("simclr", "cpc"):
+        params = {"optim.lr": {"dist": "loguniform", "low": 0.01, "high": 1.0}}
+        space = load_space(_space(tmp_path, metric=metric, mode=mode, method=method, params=params))
+        assert space.metric == metric and space.mode == mode
+        assert space.config_for(_sample(space, 1)[0]).eval.label_free
+
+
 def test_nested_conditions_are_sampled_parents_first(tmp_path):
     # listed child-first in the file: the loader orders parents before children
     params = {
@@ -437,6 +450,21 @@ BAD = [
         "zero_trials",
         {"trials": 0},
         ["trials", ">= 1"],
+    ),
+    (
+        "label_free_metric_switched_off",
+        {"metric": "rankme", "base": {"eval": {"label_free": False}}},
+        ["base.eval.label_free", "rankme", "allowed: eval: {label_free: true}"],
+    ),
+    (
+        "label_free_metric_not_every_epoch",
+        {"metric": "nuisance_r2", "mode": "min", "base": {"eval": {"knn_every": 2}}},
+        ["base.eval.knn_every", "nuisance_r2", "allowed: eval: {knn_every: 1}"],
+    ),
+    (
+        "rankme_minimised",
+        {"metric": "rankme", "mode": "min"},
+        ["mode", "rankme", "allowed: mode: max"],
     ),
 ]
 

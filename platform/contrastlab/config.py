@@ -461,7 +461,14 @@ class OptimConfig(_Strict):
 class EvalConfig(_Strict):
     """Evaluation protocol; every reported number is logged with the protocol that made it."""
 
-    knn_k: int = Field(200, ge=1, description="neighbours of the weighted kNN monitor")
+    knn_k: int | None = Field(
+        None,
+        ge=1,
+        description="neighbours of the weighted kNN monitor; null (default) picks k from the "
+        "memory it searches: round(N_memory / (5 * classes)) clipped to [5, 200] (200 for a "
+        "10,000-image CIFAR-10 memory, 27 for the 1,347 digits), so the neighbours stay within "
+        "a fifth of one class's share of the memory; protocol.json records the k used",
+    )
     knn_t: float = Field(0.1, gt=0, description="temperature of the kNN vote weights")
     knn_every: int = Field(1, ge=0, description="run the kNN monitor every N epochs (0 = never)")
     knn_at_init: bool = Field(
@@ -497,6 +504,29 @@ class EvalConfig(_Strict):
         description="feature extraction batch size; with feature='patch_avg' it also groups "
         "the random patch draws (batch_size // num_patches images per draw), so it changes "
         "EMP-SSL's numbers",
+    )
+    label_free: bool = Field(
+        True,
+        description="with every kNN monitor run (epoch 0 included), also the label-free "
+        "monitors: rankme (effective rank of the memory features), alignment and uniformity "
+        "(two augmented views of label_free_size images) and nuisance_r2 (the shortcut probe); "
+        "the run prints and records a diagnosis when they show a shortcut or a collapse",
+    )
+    label_free_size: int = Field(
+        256,
+        ge=2,
+        description="images, the first of the monitor memory subset, whose two augmented views "
+        "(the training augmentation, seed 0 in every epoch and run) give alignment and "
+        "uniformity; each costs two extra forward passes (256: +512 forwards, about 4% more than "
+        "a 12,000-image CIFAR monitor forwards; +30% monitor time on the 1,797 digits)",
+    )
+    nuisance_ridge: float = Field(
+        0.1,
+        gt=0,
+        description="ridge strength of the nuisance_r2 probe: on standardised evaluation "
+        "features it minimises mean squared error + nuisance_ridge * ||w||^2, fit on the "
+        "monitor memory subset, R^2 scored on the monitor test subset (held out, so a weak "
+        "ridge does not inflate it)",
     )
 
 

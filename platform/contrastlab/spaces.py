@@ -56,6 +56,10 @@ REPORTED_METRICS = (
     "invariance",
     "cmc_acc",
     "cpc_acc",
+    "rankme",
+    "alignment",
+    "uniformity",
+    "nuisance_r2",
 )
 """Metrics the trainer reports every epoch (the ``metric`` a space may optimise)."""
 
@@ -68,6 +72,8 @@ MAX_COMBINATIONS = 256
 """Up to this many combinations of categorical choices are each built and validated on load."""
 
 _KNN_METRICS = ("knn_top1", "knn_top5")
+# the label-free monitors (no labels needed): measured with the kNN monitor, when eval.label_free
+_LABEL_FREE_METRICS = ("rankme", "alignment", "uniformity", "nuisance_r2")
 # metrics only some methods report
 _METRIC_METHODS = {"moco_acc": ("moco",), "tcr": ("emp_ssl",), "invariance": ("emp_ssl",)}
 # metrics with an obvious direction: optimising the other way is a mistake
@@ -82,6 +88,11 @@ _METRIC_MODES = {
 # the contrastive tasks' top-1 accuracies of CMC (view to view) and CPC (patch to patch)
 _METRIC_METHODS.update({"cmc_acc": ("cmc",), "cpc_acc": ("cpc",)})
 _METRIC_MODES.update({"cmc_acc": "max", "cpc_acc": "max"})
+# a higher effective rank (no collapse), closer positives, a more even spread, and features
+# that predict less of the per-image colour are better; ASHA then stops collapsed trials
+_METRIC_MODES.update(
+    {"rankme": "max", "alignment": "min", "uniformity": "min", "nuisance_r2": "min"}
+)
 
 _TOP_KEYS = (
     "method",
@@ -1119,7 +1130,15 @@ def _metric_errors(
             f"mode: {metric} is better when {'higher' if better == 'max' else 'lower'}; "
             f"allowed: mode: {better}"
         )
-    if metric in _KNN_METRICS:
+    if metric in _LABEL_FREE_METRICS:
+        if "eval.label_free" in searched:
+            errs.append(f"params.eval.label_free: cannot be searched with metric: {metric}")
+        elif not base_cfg.eval.label_free:
+            errs.append(
+                f"base.eval.label_free: is false, but metric: {metric} is a label-free monitor "
+                "that needs it; allowed: eval: {label_free: true}"
+            )
+    if metric in _KNN_METRICS + _LABEL_FREE_METRICS:
         if "eval.knn_every" in searched:
             errs.append(f"params.eval.knn_every: cannot be searched with metric: {metric}")
         elif base_cfg.eval.knn_every != 1:

@@ -330,6 +330,8 @@ class TrialRun:
         self.logged_through = max(self.logged_loss, default=-1)
         self.retrained_differ: list[int] = []
         self.pending: list[tuple[int, dict[str, float]]] = []
+        # tags not sent yet (the server was down), the newest value of each: sent by flush()
+        self.pending_tags: dict[str, str] = {}
         self.spool = spool
         self._uncertain = False
 
@@ -362,6 +364,10 @@ class TrialRun:
                 log_metrics(self.uri, self.run_id, metrics, step=epoch)
                 self.pending.pop(0)
                 self.logged_through = max(self.logged_through, epoch)
+            while self.pending_tags:
+                key = next(iter(self.pending_tags))
+                client(self.uri).set_tag(self.run_id, key, self.pending_tags[key])
+                del self.pending_tags[key]
         except Exception as e:  # connection refused, timeouts, 5xx after retries
             # a request that failed on the way back may still have been stored
             self._uncertain = True
@@ -370,6 +376,12 @@ class TrialRun:
         self._uncertain = False
         self._spool(None)
         return True
+
+    def set_tag(self, key: str, value: str) -> None:
+        """Set a tag on the run (MLflow keeps at most 5,000 characters); while the server is
+        unreachable it waits, like the metrics, and goes out with the next flush."""
+        self.pending_tags[key] = value[:5000]
+        self.flush()
 
     def _drop_delivered(self) -> None:
         self.pending = undelivered(self.uri, self.run_id, self.pending)

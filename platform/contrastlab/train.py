@@ -237,6 +237,10 @@ class Trainer:
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, float]] = []
+        # [N, 5] and [M, 5] colour statistics of the monitor subsets (nuisance_r2's targets)
+        self._nuisance: tuple[torch.Tensor, torch.Tensor] | None = None
+        # what evaluate.diagnose said, each kind once: {"epoch", "kind", "message"}
+        self.diagnoses: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- setup pieces
 
@@ -379,7 +383,11 @@ class Trainer:
 
     def evaluate_knn(self, full: bool = False) -> dict[str, float]:
         """kNN accuracy: the per-epoch monitor on its fixed subsets (``eval.monitor_*_size``),
-        or with ``full`` on every memory and test image (metrics then named ``knn_full_*``)."""
+        or with ``full`` on every memory and test image (metrics then named ``knn_full_*``).
+
+        The per-epoch monitor also reports the k it used (``knn_k``) and, with
+        ``eval.label_free``, the label-free monitors (:meth:`evaluate_label_free`) on the same
+        features."""
         mem, test = (self.memory_set, self.test_set) if full else self.monitor_sets
         f_mem, f_test = self.features(mem.images), self.features(test.images)
         out = evaluate.knn_accuracy(
@@ -390,7 +398,56 @@ class Trainer:
             self.data.train.num_classes,
             self.cfg.eval,
         )
-        return {k.replace("knn_", "knn_full_"): v for k, v in out.items()} if full else out
+        if full:
+            return {k.replace("knn_", "knn_full_"): v for k, v in out.items()}
+        out["knn_k"] = evaluate.knn_k(self.cfg.eval, len(mem), self.data.train.num_classes)
+        if self.cfg.eval.label_free:
+            out.update(self.evaluate_label_free(f_mem, f_test))
+        return out
+
+    def evaluate_label_free(self, f_mem: torch.Tensor, f_test: torch.Tensor) -> dict[str, float]:
+        """The label-free monitors of the current encoder (none of them reads a label).
+
+        Args:
+            f_mem: [N, F] evaluation features of the monitor memory subset.
+            f_test: [M, F] evaluation features of the monitor test subset.
+
+        Returns:
+            ``rankme`` of ``f_mem``; ``alignment`` and ``uniformity`` (the mean over the two
+            views) of the L2-normalised backbone features of two augmented views of the first
+            ``eval.label_free_size`` memory images: the backbone's, not the projection head's,
+            because it is what kNN and a downstream user see, and every method has one (CMC's
+            two heads and CPC's per-patch head do not give one comparable embedding);
+            ``nuisance_r2``, the held-out R^2 of a ridge regression from the evaluation
+            features to per-image colour statistics, averaged over the statistics that vary.
+        """
+        ev = self.cfg.eval
+        mem, test = self.monitor_sets
+        out = {"rankme": evaluate.rankme(f_mem)}
+        images = mem.images[: ev.label_free_size]
+        if images.shape[0] >= 2:
+            z1, z2 = evaluate.paired_view_features(
+                self.method.backbone,
+                images,
+                self.augment,
+                ev.batch_size,
+                self.device,
+                autocast_dtype=self.autocast_dtype,
+            )
+            out["alignment"] = evaluate.alignment(z1, z2)
+            out["uniformity"] = (evaluate.uniformity(z1) + evaluate.uniformity(z2)) / 2
+        if self._nuisance is None:  # the subsets are fixed: their statistics are computed once
+            self._nuisance = (
+                evaluate.image_statistics(mem.images).to(self.device),
+                evaluate.image_statistics(test.images).to(self.device),
+            )
+        r2 = evaluate.ridge_r2(
+            f_mem, self._nuisance[0], f_test, self._nuisance[1], ev.nuisance_ridge
+        )
+        r2 = r2[r2.isfinite()]  # a statistic constant on the test subset has no R^2
+        if r2.numel():
+            out["nuisance_r2"] = float(r2.mean())
+        return out
 
     def evaluate_probe(self) -> dict[str, float]:
         mem, test = self.memory_set, self.test_set
@@ -409,7 +466,19 @@ class Trainer:
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
-        prot = {"knn": evaluate.protocol(self.cfg.eval, "knn")}
+        ev = self.cfg.eval
+        mem = self.monitor_sets[0]
+        prot = {
+            "knn": evaluate.protocol(
+                ev,
+                "knn",
+                memory_size=len(mem),
+                num_classes=self.data.train.num_classes,
+                full_memory_size=len(self.memory_set) if self.monitor_is_subset else None,
+            )
+        }
+        if ev.label_free:
+            prot["label_free"] = evaluate.protocol(ev, "label_free")
         if self.cfg.eval.linear_probe:
             prot["linear_probe"] = evaluate.protocol(self.cfg.eval, "probe")
         (self.run_dir / "protocol.json").write_text(json.dumps(prot, indent=2))
@@ -527,6 +596,11 @@ class Trainer:
         """Train for ``train.epochs`` epochs (continuing from a checkpoint if ``resume``)."""
         cfg, t = self.cfg, self.cfg.train
         resumed = self.resume() if resume else False
+        if resumed and self.is_main:
+            # what the interrupted attempt said (and printed), each at its epoch
+            for end in range(1, len(self.history) + 1):
+                last = self.history[end - 1].get("epoch") == t.epochs
+                evaluate.update_diagnoses(self.history[:end], self.diagnoses, final=last)
         if self.is_main:
             self._write_run_files()
         if self.is_main:
@@ -539,7 +613,7 @@ class Trainer:
             init = {"epoch": 0, **self.evaluate_knn()}
             init["eval_time_s"] = time.perf_counter() - t0
             self._log_epoch(init)
-            self._say(f"epoch 0 (random init): knn_top1 {init['knn_top1']:.2f}%")
+            self._say(f"epoch 0 (random init): {_monitor_text(init)}")
         while self.epoch < t.epochs:
             metrics: dict[str, float] = {"epoch": self.epoch + 1}
             metrics.update(self.train_epoch())
@@ -564,6 +638,8 @@ class Trainer:
                 save_checkpoint(ckpt, self.state_dict())
                 _prune_checkpoints(self.run_dir, t.keep_checkpoints)
             self._say(_epoch_line(metrics, t.epochs))
+            if self.is_main:
+                self._diagnose()
             for hook in self.hooks:
                 hook(self.epoch, metrics, ckpt)
         final = dict(self.history[-1]) if self.history else {}
@@ -576,6 +652,7 @@ class Trainer:
             summary = {
                 "final": final,
                 "protocol": json.loads((self.run_dir / "protocol.json").read_text()),
+                "diagnosis": self.diagnoses,
             }
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return TrainResult(self.run_dir, self.history, final, self.method)
@@ -584,16 +661,42 @@ class Trainer:
         if self.is_main and self.cfg.train.progress:
             tqdm.write(text, file=sys.stderr)
 
+    def _diagnose(self) -> None:
+        """Record each new kind of :func:`evaluate.diagnose` message once (``summary.json``)
+        and print it: through tqdm with progress bars, else as a :class:`RuntimeWarning` on
+        stderr, so that it reaches the user either way."""
+        final = self.epoch == self.cfg.train.epochs
+        for d in evaluate.update_diagnoses(self.history, self.diagnoses, final=final):
+            if self.cfg.train.progress:
+                tqdm.write(f"contrastlab diagnosis: {d['message']}", file=sys.stderr)
+            else:
+                warnings.warn(
+                    f"contrastlab diagnosis: {d['message']}", RuntimeWarning, stacklevel=2
+                )
+
 
 def _stream_seed(seed: int, epoch: int, stream: int, worker: int) -> int:
     """A distinct, reproducible seed per (run seed, epoch, random stream, worker)."""
     return ((seed * 1_000_003 + epoch) * 1_000_003 + stream * 10_007 + worker) % (2**63)
 
 
+def _monitor_text(m: dict[str, float]) -> str:
+    """The monitors of one epoch's metrics, as a console line's part."""
+    parts = []
+    if "knn_top1" in m:
+        parts.append(f"knn_top1 {m['knn_top1']:.2f}%")
+    for key, fmt in (("rankme", ".1f"), ("alignment", ".3f"), ("uniformity", ".3f")):
+        if key in m:
+            parts.append(f"{key} {m[key]:{fmt}}")
+    if "nuisance_r2" in m:
+        parts.append(f"nuisance_r2 {m['nuisance_r2']:.2f}")
+    return " | ".join(parts)
+
+
 def _epoch_line(m: dict[str, float], epochs: int) -> str:
     parts = [f"epoch {int(m['epoch'])}/{epochs}", f"loss {m['loss']:.4f}"]
     if "knn_top1" in m:
-        parts.append(f"knn_top1 {m['knn_top1']:.2f}%")
+        parts.append(_monitor_text(m))
     if "knn_full_top1" in m:
         parts.append(f"knn_full_top1 {m['knn_full_top1']:.2f}% (all images)")
     if "probe_top1" in m:

@@ -142,6 +142,21 @@ def _restore_checkpoint(ckpt: Any, run_dir: Path) -> bool:
     return True
 
 
+DIAGNOSIS_TAG = "contrastlab.diagnosis"
+"""MLflow tag of a trial's run: what :func:`contrastlab.evaluate.diagnose` said (a shortcut, a
+collapse), one message per line; absent when it said nothing."""
+
+
+def _earlier_metrics(run_dir: Path, epoch: int) -> list[dict[str, float]]:
+    """The rows of ``metrics.jsonl`` before ``epoch`` (epoch 0 and, after a restart, the epochs
+    the checkpoint holds)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("epoch", 0) < epoch]
+
+
 def _init_metrics(run_dir: Path) -> dict[str, float] | None:
     """The random-init evaluation (epoch 0) the trainer wrote to ``metrics.jsonl``, if any."""
     path = run_dir / "metrics.jsonl"
@@ -170,7 +185,16 @@ def _report_hook(
     Tune stops a trial *at* its last report (ASHA's ``max_t``), so nothing after the final
     report is guaranteed to run: the final checkpoint artifact and the FINISHED state are
     written to MLflow before it.
+
+    The hook keeps the trial's running history (seeded from ``metrics.jsonl``: the epoch-0
+    evaluation and, after a restart, the epochs before it) and, whenever
+    :func:`contrastlab.evaluate.diagnose` finds something new, sets the run's
+    :data:`DIAGNOSIS_TAG` to every message said so far, one per line.
     """
+    from contrastlab.evaluate import update_diagnoses
+
+    history: list[dict[str, float]] = []
+    said: list[dict[str, Any]] = []
 
     def hook(epoch: int, metrics: dict[str, float], ckpt: Path | None) -> None:
         if run is not None and is_main:
@@ -178,6 +202,11 @@ def _report_hook(
             if init is not None:
                 run.log_epoch(0, init)
             run.log_epoch(epoch, metrics)
+            if not history and run_dir is not None:
+                history.extend(_earlier_metrics(run_dir, epoch))
+            history.append(metrics)
+            if update_diagnoses(history, said, final=epoch == epochs):
+                run.set_tag(DIAGNOSIS_TAG, "\n".join(d["message"] for d in said))
             if epoch == epochs:
                 _close_run(run, ckpt)
         if ckpt is None:
