@@ -9,7 +9,6 @@ second one.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -342,14 +341,13 @@ class TrialRun:
             logged = self.logged_loss.get(epoch)
             if logged is not None and "loss" in metrics and float(metrics["loss"]) != logged:
                 self.retrained_differ.append(epoch)
-                with contextlib.suppress(Exception):  # a tag must not stop training
-                    self.set_tag(
-                        "contrastlab.retrained_epochs_differ",
-                        json.dumps(self.retrained_differ)
-                        + ": trained again after a restart with another loss than logged; "
-                        "MLflow keeps the first values, the run directory's metrics.jsonl "
-                        "the new ones",
-                    )
+                self.set_tag(
+                    "contrastlab.retrained_epochs_differ",
+                    json.dumps(self.retrained_differ)
+                    + ": trained again after a restart with another loss than logged; "
+                    "MLflow keeps the first values, the run directory's metrics.jsonl "
+                    "the new ones",
+                )
             return
         self.pending.append((epoch, dict(metrics)))
         self.flush()
@@ -399,9 +397,6 @@ class TrialRun:
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         client(self.uri).log_artifact(self.run_id, str(path), folder)
-
-    def set_tag(self, key: str, value: str) -> None:
-        client(self.uri).set_tag(self.run_id, key, value)
 
     def log_text(self, text: str, name: str) -> None:
         client(self.uri).log_text(self.run_id, text, name)
