@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -12,10 +13,12 @@ import yaml
 from contrastlab import tracking
 from contrastlab.ablate import (
     AblationError,
+    _cell_value,
     ablation_from_dict,
     find_ablations,
     format_summary,
     load_ablation,
+    plot_vs_factor,
     run_ablation,
     smoke_ablation,
     summarise,
@@ -228,3 +231,38 @@ def test_smoke_ablation_runs_every_cell_and_logs_tables_and_plots(tmp_path, ray_
         assert f"analysis/{f.name}" in logged
         assert f.stat().st_size > 0
     assert out.files["vs_factor"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_tuple_field_can_be_a_factor(tmp_path):
+    crop, recipe = "augment.crop_scale", "augment.recipe"
+    factors = {crop: [[0.08, 1], [0.3, 1.0]], recipe: ["simclr", "digits"]}
+    spec = ablation_from_dict(_spec(factors=factors), "crop.yaml")
+    assert dict(spec.factors)["augment.crop_scale"] == ([0.08, 1.0], [0.3, 1.0])
+    assert len(spec.cells) == 4
+    cfg = spec.config_for({**spec.cells[1], "train.seed": 3})
+    assert cfg.augment.crop_scale == (0.08, 1.0) and cfg.augment.recipe == "digits"
+    assert ablation_from_dict(spec.to_dict(), "crop.yaml") == spec
+    assert "!!python" not in yaml.safe_dump(spec.to_dict())
+    grid = spec.grid()["augment.crop_scale"]  # what Tune expands: the lists themselves
+    assert grid == {"grid_search": [[0.08, 1.0], [0.3, 1.0]]}
+    with pytest.raises(AblationError, match=r"factors.augment.crop_scale: \[0.3\] .*not 2"):
+        ablation_from_dict(_spec(factors={"augment.crop_scale": [[0.08, 1.0], [0.3]]}), "x.yaml")
+    with pytest.raises(AblationError, match=r"factors.augment.crop_scale: .*distinct"):
+        ablation_from_dict(_spec(factors={"augment.crop_scale": [[0.3, 1], [0.3, 1.0]]}), "x.yaml")
+    # MLflow gives the lists back; as table cells they become tuples, which group and plot
+    cells = [_cell_value(tracking.param_value(json.dumps(v))) for v in ([0.08, 1.0], [0.3, 1.0])]
+    assert cells == [(0.08, 1.0), (0.3, 1.0)]
+    table = pd.DataFrame(
+        {
+            "augment.recipe": ["simclr", "simclr", "digits", "digits"] * 2,
+            "augment.crop_scale": [cells[0], cells[1]] * 4,
+            "v": [70.0, 72.0, 77.0, 80.0, 71.0, 73.0, 78.0, 81.0],
+            "status": ["FINISHED"] * 8,
+        }
+    )
+    for order in ((crop, recipe), (recipe, crop)):
+        s = summarise(table, order, "v")
+        assert list(s["n"]) == [2, 2, 2, 2]
+        assert "(0.08, 1.0)" in format_summary(s, order, "v")
+        plot_vs_factor(s, table, order, "v", "t", tmp_path / "p.png")
+        assert (tmp_path / "p.png").stat().st_size > 0

@@ -259,3 +259,40 @@ def test_augmentation_benchmark_runs_and_compares_with_the_reference(tmp_path):
     ).stdout
     assert re.search(r"\| PIL per image \(1 thr\) +\| +\d+ \| +1\.0x \|", out), out
     assert "BatchAugment" in out and "kornia" in out
+
+
+def test_reference_transform_has_the_opt_in_ops_only_when_on():
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+
+    from contrastlab.bench import reference_transform
+
+    def names(augment):
+        cfg = make_config({"augment": {"recipe": "simclr", **augment}}).augment
+        t = reference_transform(cfg, 16, 3, (0.5,) * 3, (0.25,) * 3)
+        img = Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8))
+        assert t(img).shape == (3, 16, 16)
+        pickle.dumps(t)  # DataLoader workers receive it
+        return [type(op).__name__ for op in t.transforms]
+
+    plain = names({})
+    assert "RandomRotation" not in plain and "RandomErasing" not in plain
+    later = {
+        "rotate_degrees": 20.0,
+        "channel_shuffle_p": 0.5,
+        "channel_gain": [0.5, 1.5],
+        "invert_p": 0.2,
+        "erase_p": 0.3,
+    }
+    on = names(later)
+    # BatchAugment's order: geometry, shuffle, gain, jitter ..., invert, normalise, erase
+    assert on[:5] == [
+        "RandomResizedCrop",
+        "RandomHorizontalFlip",
+        "RandomRotation",
+        "RandomApply",
+        "_PILChannelGain",
+    ]
+    assert on[-4:] == ["RandomInvert", "ToTensor", "Normalize", "RandomErasing"]

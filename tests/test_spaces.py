@@ -4,6 +4,7 @@ with the file, the key and what is allowed; Optuna sampling is conditional and s
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -679,3 +680,214 @@ def test_arbitrary_top_level_values_raise_space_error_only(changes):
         space_from_dict(raw, "fuzz.yaml")
     except SpaceError as e:
         assert str(e).startswith("fuzz.yaml: ")
+
+
+# --------------------------------------------------------------------------- augment.* fields
+
+_AUG_PARAMS: dict[str, Any] = {
+    "augment.recipe": {"dist": "categorical", "choices": ["simclr", "emp_ssl", "digits"]},
+    "augment.channel_shuffle_p": {"dist": "uniform", "low": 0.0, "high": 1.0},
+    "augment.channel_gain": {"dist": "categorical", "choices": [[1.0, 1.0], [0.5, 1.5]]},
+    "augment.crop_scale": {"dist": "categorical", "choices": [[0.08, 1.0], [0.3, 1]]},
+}
+
+
+def _aug_space(tmp_path, params: dict[str, Any] | None = None, name: str = "aug") -> Path:
+    return _space(tmp_path, name, params=copy.deepcopy(params or _AUG_PARAMS))
+
+
+def test_space_searching_recipe_and_tuple_fields_samples_valid_configs(tmp_path):
+    space = load_space(_aug_space(tmp_path))
+    by_path = {p.path: p for p in space.params}
+    crop = by_path["augment.crop_scale"]
+    assert crop.choices == ((0.08, 1.0), (0.3, 1.0))  # tuples, ints of a float field as floats
+    assert crop.optuna_choices == ["[0.08, 1.0]", "[0.3, 1.0]"]  # scalars for Optuna
+    seen: dict[str, set] = {p: set() for p in by_path}
+    for params in _sample(space, 30):
+        cfg = space.config_for(params)  # Optuna's labels are decoded
+        aug = cfg.augment
+        for path, value in params.items():
+            seen[path].add(value)
+            want = by_path[path].decode(value)
+            got = getattr(aug, path.split(".")[1])
+            assert (list(got) if isinstance(got, tuple) else got) == want, path
+        # the searched recipe fills the fields not searched; the searched ones win
+        if params["augment.recipe"] == "emp_ssl":
+            assert (aug.blur_p, aug.solarize_p, aug.crop_ratio) == (0.1, 0.1, (1.0, 1.0))
+        if params["augment.recipe"] == "digits":
+            assert (aug.flip_p, aug.blur_p) == (0.0, 0.0)
+    assert seen["augment.recipe"] == {"simclr", "emp_ssl", "digits"}
+    assert seen["augment.crop_scale"] == {"[0.08, 1.0]", "[0.3, 1.0]"}
+    # config_for takes the list itself as well as its label (e.g. a value read from MLflow)
+    a = space.config_for({"augment.crop_scale": [0.3, 1.0], "augment.recipe": "emp_ssl"})
+    b = space.config_for({"augment.crop_scale": "[0.3, 1.0]", "augment.recipe": "emp_ssl"})
+    assert a == b and a.augment.crop_scale == (0.3, 1.0) and a.augment.recipe == "emp_ssl"
+
+
+def test_tuple_choices_round_trip_through_yaml_and_mlflow_params(tmp_path):
+    from contrastlab import tracking
+    from contrastlab.report import rebuild_study
+
+    space = load_space(_aug_space(tmp_path))
+    raw = space.to_dict()
+    assert raw["params"]["augment.crop_scale"]["choices"] == [[0.08, 1.0], [0.3, 1.0]]
+    text = yaml.safe_dump(raw, sort_keys=False)  # plain YAML lists, no python/tuple tags
+    assert "!!python" not in text
+    again = space_from_dict(yaml.safe_load(text), space.path)
+    assert again == space
+    # a trial's config as MLflow logs it (tracking.log_params) and reads it back
+    params = _sample(space, 1)[0]
+    cfg = space.config_for(params)
+    logged = {
+        k: json.dumps(v) if isinstance(v, list | dict) else str(v)
+        for k, v in cfg.tracked_params().items()
+    }
+    back = {k: tracking.param_value(v) for k, v in logged.items()}
+    crop = next(p for p in space.params if p.path == "augment.crop_scale")
+    assert crop.encode(back["augment.crop_scale"]) == params["augment.crop_scale"]
+    study = rebuild_study(
+        [
+            {
+                "params": back,
+                "status": "FINISHED",
+                "value": 0.5,
+                "curve": {1: 0.5},
+                "run_id": "r",
+                "epochs": 1,
+            }
+        ],
+        space,
+    )
+    assert study.trials[0].params == params  # the report's study sees the sampled values
+
+
+def test_every_augment_field_can_be_searched(tmp_path):
+    """One space per field of AugmentConfig; a new field must be added here (and searchable)."""
+    from contrastlab.config import AugmentConfig
+
+    specs: dict[str, Any] = {
+        "recipe": {"dist": "categorical", "choices": ["simclr", "digits"]},
+        "crop_scale": {"dist": "categorical", "choices": [[0.08, 1.0], [0.2, 1.0]]},
+        "crop_ratio": {"dist": "categorical", "choices": [[0.75, 1.3333], [1.0, 1.0]]},
+        "flip_p": {"dist": "uniform", "low": 0.0, "high": 1.0},
+        "rotate_degrees": {"dist": "uniform", "low": 0.0, "high": 180.0},
+        "rotate_fill": {"dist": "categorical", "choices": ["image", "zeros"]},
+        "channel_shuffle_p": {"dist": "uniform", "low": 0.0, "high": 1.0},
+        "channel_gain": {"dist": "categorical", "choices": [[1.0, 1.0], [0.0, 2.0]]},
+        "jitter_p": {"dist": "uniform", "low": 0.0, "high": 1.0},
+        "brightness": {"dist": "uniform", "low": 0.0, "high": 0.8},
+        "contrast": {"dist": "uniform", "low": 0.0, "high": 0.8},
+        "saturation": {"dist": "uniform", "low": 0.0, "high": 0.8},
+        "hue": {"dist": "uniform", "low": 0.0, "high": 0.5},
+        "grayscale_p": {"dist": "uniform", "low": 0.0, "high": 1.0},
+        "blur_p": {"dist": "uniform", "low": 0.0, "high": 1.0},
+        "blur_sigma": {"dist": "categorical", "choices": [[0.1, 2.0], [0.5, 1.0]]},
+        "blur_kernel_frac": {"dist": "loguniform", "low": 0.05, "high": 0.2},
+        "solarize_p": {"dist": "uniform", "low": 0.0, "high": 1.0},
+        "solarize_threshold": {"dist": "uniform", "low": 0.0, "high": 1.0},
+        "invert_p": {"dist": "uniform", "low": 0.0, "high": 1.0},
+        "normalize": {"dist": "categorical", "choices": [True, False]},
+        "erase_p": {"dist": "uniform", "low": 0.0, "high": 1.0},
+        "erase_scale": {"dist": "categorical", "choices": [[0.02, 0.33], [0.1, 0.5]]},
+        "erase_ratio": {"dist": "categorical", "choices": [[0.3, 3.3], [1.0, 1.0]]},
+        "erase_value": {"dist": "categorical", "choices": [0.0, "random", -1.0]},
+    }
+    assert set(specs) == set(AugmentConfig.model_fields)
+    for name, spec in specs.items():
+        path = f"augment.{name}"
+        space = load_space(_space(tmp_path, name, params={path: spec}))
+        for params in _sample(space, 4):
+            value = getattr(space.config_for(params).augment, name)
+            p = space.params[0]
+            want = p.decode(params[path])
+            assert (list(value) if isinstance(value, tuple) else value) == want, path
+    # erase_value is a number or 'random': a float range works as well
+    space_from_dict(
+        _with_param("augment.erase_value", {"dist": "uniform", "low": -1.0, "high": 1.0}), "x.yaml"
+    )
+
+
+BAD_AUG = [
+    (
+        "uniform_on_tuple",
+        {"augment.crop_scale": {"dist": "uniform", "low": 0.08, "high": 1.0}},
+        ["params.augment.crop_scale", "tuple field", "dist: categorical", "[[0.2, 1.0], ...]"],
+    ),
+    (
+        "int_on_tuple",
+        {"augment.channel_gain": {"dist": "int", "low": 1, "high": 2}},
+        ["params.augment.channel_gain", "tuple field", "not int"],
+    ),
+    (
+        "scalar_choice_on_tuple",
+        {"augment.crop_scale": {"dist": "categorical", "choices": [0.08, 0.3]}},
+        ["params.augment.crop_scale.choices", "0.08", "not a list", "a list of 2 numbers"],
+    ),
+    (
+        "wrong_length",
+        {"augment.erase_scale": {"dist": "categorical", "choices": [[0.1, 0.2, 0.3]]}},
+        ["params.augment.erase_scale.choices", "has 3 values, not 2"],
+    ),
+    (
+        "text_in_tuple",
+        {"augment.blur_sigma": {"dist": "categorical", "choices": [[0.1, "two"]]}},
+        ["params.augment.blur_sigma.choices", "'two' is not a finite number"],
+    ),
+    (
+        "duplicate_tuple",
+        {"augment.crop_scale": {"dist": "categorical", "choices": [[0.3, 1], [0.3, 1.0]]}},
+        ["params.augment.crop_scale.choices", "[0.3, 1.0]", "listed twice"],
+    ),
+    (
+        "invalid_tuple_value",
+        {"augment.channel_gain": {"dist": "categorical", "choices": [[1.0, 1.0], [1.5, 0.5]]}},
+        ["params.augment.channel_gain: value [1.5, 0.5] is invalid", "augment.channel_gain"],
+    ),
+    (
+        "list_choice_on_scalar",
+        {"augment.invert_p": {"dist": "categorical", "choices": [[0.1, 0.2]]}},
+        ["params.augment.invert_p.choices", "allowed: scalars"],
+    ),
+    (
+        "uniform_on_recipe",
+        {"augment.recipe": {"dist": "uniform", "low": 0.0, "high": 1.0}},
+        ["params.augment.recipe", "takes one of simclr, emp_ssl, digits", "dist: categorical"],
+    ),
+    (
+        "unknown_recipe",
+        {"augment.recipe": {"dist": "categorical", "choices": ["simclr", "fancy"]}},
+        ["params.augment.recipe: value 'fancy' is invalid", "unknown recipe"],
+    ),
+    (
+        "out_of_range_op",
+        {"augment.rotate_degrees": {"dist": "uniform", "low": 0.0, "high": 200.0}},
+        ["params.augment.rotate_degrees: value 200.0 is invalid", "less than or equal to 180"],
+    ),
+    (
+        "bad_fill",
+        {"augment.rotate_fill": {"dist": "categorical", "choices": ["image", "border"]}},
+        ["params.augment.rotate_fill: value 'border' is invalid"],
+    ),
+]
+
+
+@pytest.mark.parametrize("name, params, words", BAD_AUG, ids=[b[0] for b in BAD_AUG])
+def test_bad_augment_param_is_rejected_naming_the_key(tmp_path, name, params, words):
+    with pytest.raises(SpaceError) as e:
+        load_space(_space(tmp_path, name, params=params))
+    msg = str(e.value)
+    assert f"{name}.yaml" in msg, msg
+    for word in words:
+        assert word in msg, (word, msg)
+
+
+def test_smoke_space_keeps_a_searched_recipe(tmp_path):
+    from contrastlab.tune import smoke_space
+
+    space = load_space(_aug_space(tmp_path))
+    smoke = smoke_space(space, trials=2, epochs=1)
+    assert "augment.recipe" in smoke.param_paths  # not fixed to digits by the smoke base
+    assert "recipe" not in smoke.base.get("augment", {})
+    assert smoke.base["data"]["dataset"] == "digits"
+    for params in _sample(smoke, 3):
+        assert smoke.config_for(params).augment.recipe == params["augment.recipe"]

@@ -21,6 +21,8 @@ MLflow and writes a tidy table (one row per run, Parquet), a summary (mean, std,
 cell), and plots (metric vs factor with CI bands; per-epoch curves per cell), all logged as
 artifacts on the parent run.
 
+A factor that is a tuple field takes lists: ``augment.crop_scale: [[0.08, 1.0], [0.3, 1.0]]``.
+
 A coupling sets ``target = base value x rule(factor / reference)`` with rule ``linear`` or
 ``sqrt`` (e.g. lr scaled with the batch size, so a batch-size ablation does not also ablate the
 effective step size). The coupled value is part of every trial's resolved config and its MLflow
@@ -46,6 +48,7 @@ from contrastlab.spaces import (
     _MAX_SEED,
     Resources,
     SpaceError,
+    _as_list,
     _build_config,
     _check_top_keys,
     _describe,
@@ -53,6 +56,7 @@ from contrastlab.spaces import (
     _is_finite_number,
     _is_scalar,
     _metric_errors,
+    _normalize_tuple,
     _parse_base,
     _parse_budget,
     _parse_method_metric_mode,
@@ -63,6 +67,7 @@ from contrastlab.spaces import (
     _resource_errors,
     _short,
     _show,
+    _tuple_args,
     _UniqueKeyLoader,
     _unknown,
 )
@@ -187,7 +192,7 @@ class AblationSpec:
         out: dict[str, Any] = {
             "method": self.method,
             "base": copy.deepcopy(self.base),
-            "factors": {p: list(v) for p, v in self.factors},
+            "factors": {p: _as_list(v) for p, v in self.factors},
             "seeds": list(self.seeds),
             "metric": self.metric,
             "mode": self.mode,
@@ -356,7 +361,19 @@ def _parse_factors(
         if not isinstance(values, list) or len(values) < 2:
             errs.append(f"{key}: must be a list of at least 2 values, got {_describe(values)}")
             continue
-        if not all(_is_scalar(v) for v in values):
+        args = None if path.startswith("method.") and method is None else _tuple_args(path, method)
+        if args is not None:
+            # a tuple field (augment.crop_scale, ...): each value is a list, e.g. [0.08, 1.0]
+            normalized = [_normalize_tuple(v, args) for v in values]
+            bad = [(v, why) for v, (t, why) in zip(values, normalized, strict=True) if t is None]
+            if bad:
+                errs.append(
+                    f"{key}: {bad[0][0]!r} is not allowed: {bad[0][1]}; this field is a tuple, "
+                    "each value must be a list like [0.08, 1.0]"
+                )
+                continue
+            values = [_as_list(t) for t, _ in normalized]
+        elif not all(_is_scalar(v) for v in values):
             errs.append(f"{key}: values must be numbers, strings, true/false or null: {values}")
             continue
         if len({repr(v) for v in values}) != len(values):
@@ -576,7 +593,7 @@ def results_table(uri: str, parent_id: str, factors: tuple[str, ...], metric: st
         vps = [m.value for m in c.get_metric_history(r.info.run_id, "views_per_s")]
         end = r.info.end_time or int(time.time() * 1000)
         pick = max if mode == "max" else min
-        row = {f: tracking.param_value(p.get(f)) for f in factors}
+        row = {f: _cell_value(tracking.param_value(p.get(f))) for f in factors}
         row.update(
             seed=int(p.get(SEED_PATH, 0)),
             status=r.info.status,
@@ -600,6 +617,12 @@ def results_table(uri: str, parent_id: str, factors: tuple[str, ...], metric: st
     if len(table):
         table = table.sort_values([*factors, "seed"], kind="stable").reset_index(drop=True)
     return table, curves
+
+
+def _cell_value(value: Any) -> Any:
+    """A factor value as a table cell: a tuple field's list (as MLflow gives it back) becomes a
+    tuple, so that cells can be grouped, sorted and compared."""
+    return tuple(_cell_value(v) for v in value) if isinstance(value, list) else value
 
 
 def summarise(table, factors: tuple[str, ...], value: str):

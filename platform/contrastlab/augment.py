@@ -6,15 +6,39 @@ a CIFAR-sized run. :class:`BatchAugment` instead draws every random parameter fo
 ``n_views * B`` outputs at once and applies each op to the whole batch as a few tensor kernels,
 on CPU or CUDA, with no Python loop over samples.
 
-Pipeline, per output (torchvision semantics unless listed below):
+Pipeline, per output (torchvision semantics unless listed below). Ops 2, 7 and 9 and the
+rotation in 1 are off by default and in every recipe (see :class:`AugmentConfig`):
 
-1. random resized crop + horizontal flip + bilinear resize, all outputs of all images in ONE
-   ``F.grid_sample`` call (the grid is ``F.affine_grid``'s, computed in closed form);
-2. colour jitter with probability ``jitter_p``: brightness, contrast, saturation, hue;
-3. grayscale with probability ``grayscale_p``;
-4. Gaussian blur with probability ``blur_p``, per-sample sigma;
-5. solarize with probability ``solarize_p``;
-6. normalisation with the dataset mean/std (if ``cfg.normalize``).
+1. geometry: random resized crop, horizontal flip, rotation by ``U(-rotate_degrees,
+   rotate_degrees)`` and bilinear resize, composed into one affine map per output and applied
+   to all outputs of all images in ONE ``F.grid_sample`` call (the grid is
+   ``F.affine_grid``'s, computed in closed form). The composition is crop -> flip -> rotate:
+   the view is rotated about its centre after the flip, as torchvision's RandomResizedCrop,
+   RandomHorizontalFlip, RandomRotation in that order (a positive angle turns the content
+   counter-clockwise). Where a rotated view leaves its crop box, ``rotate_fill='image'`` shows
+   the source image around the box (its edge replicated beyond the image, like the crop) and
+   ``'zeros'`` shows black, as RandomRotation's default fill (hard edge: a pixel is black when
+   its centre maps outside the box);
+2. channel shuffle with probability ``channel_shuffle_p`` (a uniform random permutation of
+   R, G, B, one of all 6, the identity included, so the order changes with probability
+   ``5/6 * p``), then a per-channel gain ``U(channel_gain)`` drawn independently for each
+   channel, clamped to [0, 1]. Both change the colouring of the image itself, so they come
+   first among the colour ops: the jitter, grayscale and solarize that follow see the
+   recoloured image, as they would see an image whose colours were different to begin with;
+3. colour jitter with probability ``jitter_p``: brightness, contrast, saturation, hue;
+4. grayscale with probability ``grayscale_p``;
+5. Gaussian blur with probability ``blur_p``, per-sample sigma;
+6. solarize with probability ``solarize_p``;
+7. intensity inversion ``x -> 1 - x`` with probability ``invert_p``; after solarize, so that
+   ``solarize_threshold`` refers to the image's own intensities;
+8. normalisation with the dataset mean/std (if ``cfg.normalize``);
+9. random erasing with probability ``erase_p``: one rectangle per output, area
+   ``U(erase_scale)`` of the view, height/width ratio log-uniform in ``erase_ratio``, set to
+   ``erase_value``. Last, as torchvision's RandomErasing after Normalize: the value is in the
+   output's units (0 = the dataset mean colour when normalising) and no later op touches it.
+
+Every op draws per-output parameters for all ``n_views * B`` outputs at once; an op that is
+off draws nothing and launches no kernel.
 
 Deviations from torchvision / PIL, all deliberate:
 
@@ -35,6 +59,14 @@ Deviations from torchvision / PIL, all deliberate:
   torchvision draws a random order per call.
 * Grayscale (and the grayscale used by contrast and saturation) uses the ITU-R 601-2 luma
   weights 0.299, 0.587, 0.114 as PIL does; torchvision's tensor path uses 0.2989.
+* Rotation reads the source once (no second interpolation of the resized crop), and with
+  ``rotate_fill='image'`` shows real image content in the corners instead of a fill colour.
+* Erasing: torchvision draws (area, log-ratio) and rejects rectangles that do not fit (10
+  tries, then no erasing at all). Here, as for the crop, the log-ratio is drawn from the part
+  of the range for which the area fits, so a view is erased with probability exactly
+  ``erase_p``; a rectangle may span the whole height or width (torchvision: strictly less).
+  Height and width are rounded to whole pixels (at least 1), the position uniform over the
+  whole-pixel positions, as torchvision.
 """
 
 from __future__ import annotations
@@ -72,6 +104,30 @@ _LUMA = (0.299, 0.587, 0.114)
 ) = range(14)
 _N_UNIFORMS = 14
 
+# Columns of the second uniform draw, made only when one of the ops added later (channel
+# shuffle/gain, invert, rotation, erasing) is on, AFTER the first: the first draw, and so
+# every parameter of the original ops, is the same whether they are on or not. One draw for
+# all of them keeps each one's parameters independent of which others are on.
+(
+    _V_SHUFFLE,
+    _V_PERM,
+    _V_GAIN_R,
+    _V_GAIN_G,
+    _V_GAIN_B,
+    _V_INVERT,
+    _V_ANGLE,
+    _V_ERASE,
+    _V_ERASE_AREA,
+    _V_ERASE_RATIO,
+    _V_ERASE_TOP,
+    _V_ERASE_LEFT,
+) = range(12)
+_N_UNIFORMS_2 = 12
+
+# The 6 permutations of (R, G, B), the identity first: channel c of the output is channel
+# perm[c] of the input.
+_PERMUTATIONS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+
 # Keys of the parameter dict that hold one value per output sample.
 _PARAM_KEYS = (
     "box",
@@ -85,6 +141,13 @@ _PARAM_KEYS = (
     "blur",
     "sigma",
     "solarize",
+    "angle",
+    "channel_perm",
+    "channel_gain",
+    "invert",
+    "erase",
+    "erase_box",
+    "erase_noise",
 )
 
 
@@ -181,6 +244,50 @@ def _solarize_(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where(x >= threshold, 1.0 - x, x, out=x)
 
 
+def _invert_(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``1 - x`` where ``mask`` [m] is true, ``x`` elsewhere, with no temporaries.
+
+    With m in {0, 1}: ``x * (1 - 2m) + m`` is ``x`` (exactly) or ``-x + 1``, the same single
+    rounding as ``1 - x``. Cheaper than selecting samples on any device.
+    """
+    m = _per_sample(mask.to(x.dtype))
+    return x.mul_(1.0 - 2.0 * m).add_(m)
+
+
+def _channel_shuffle(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """[m, 3, H, W] -> new [m, 3, H, W] with channel c of sample i = ``x[i, perm[i, c]]``."""
+    m, c, h, w = x.shape
+    return torch.gather(x, 1, perm.view(m, c, 1, 1).expand(m, c, h, w))
+
+
+def _erase_(
+    x: torch.Tensor,
+    box: torch.Tensor,
+    erase: torch.Tensor | None,
+    value: float | torch.Tensor,
+) -> torch.Tensor:
+    """Set one rectangle per sample of ``x`` [m, 3, S, S] to ``value``.
+
+    Args:
+        x: the batch, updated in place.
+        box: [m, 4] whole-pixel ``(top, left, height, width)``.
+        erase: bool [m], which samples to erase (None: all).
+        value: a number, or a [m, 3, S, S] tensor to copy from inside the rectangles.
+    """
+    h, w = x.shape[-2:]
+    top, left, bh, bw = box.to(torch.float32).unbind(1)  # [m] each
+    rows = torch.arange(h, device=x.device, dtype=torch.float32)
+    cols = torch.arange(w, device=x.device, dtype=torch.float32)
+    in_rows = (rows >= top[:, None]) & (rows < (top + bh)[:, None])  # [m, H]
+    in_cols = (cols >= left[:, None]) & (cols < (left + bw)[:, None])  # [m, W]
+    if erase is not None:
+        in_rows &= erase[:, None]
+    mask = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)  # [m, 1, H, W]
+    if isinstance(value, torch.Tensor):
+        return torch.where(mask, value, x, out=x)
+    return x.masked_fill_(mask, value)
+
+
 def _gaussian_blur_(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Separable Gaussian blur of [m, 3, H, W] with a per-sample ``sigma`` [m].
 
@@ -231,6 +338,40 @@ def _axis_aligned_affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
     )
 
 
+def _affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.affine_grid(theta, [n, C, size, size], align_corners=False)`` for any theta.
+
+    Each grid coordinate is ``t0 * x + t1 * y + t2``: the sum of a term that varies along the
+    width and one that varies along the height, written straight into the grid (no
+    [size*size, 3] x [3, 2] matmul). Used when the views are rotated; otherwise
+    :func:`_axis_aligned_affine_grid`.
+
+    Args:
+        theta: [n, 2, 3] affine matrices.
+        size: output side.
+
+    Returns:
+        [n, size, size, 2] sampling grid, (x, y) in the last dim.
+    """
+    n = theta.shape[0]
+    base = (torch.arange(size, device=theta.device, dtype=theta.dtype) * 2.0 + 1.0) / size - 1.0
+    grid = theta.new_empty(n, size, size, 2)
+    for k in range(2):
+        along_w = theta[:, k, 0, None] * base  # [n, S]
+        along_h = theta[:, k, 1, None] * base + theta[:, k, 2, None]  # [n, S]
+        torch.add(along_w[:, None, :], along_h[:, :, None], out=grid[..., k])
+    return grid
+
+
+def _outside_view(rad: torch.Tensor, size: int) -> torch.Tensor:
+    """bool [n, size, size]: output pixels whose centre, rotated by ``rad`` [n] (see
+    ``_crop_flip_resize``), falls outside the unrotated view, i.e. outside the crop box."""
+    base = (torch.arange(size, device=rad.device, dtype=rad.dtype) * 2.0 + 1.0) / size - 1.0
+    cos, sin = torch.cos(rad)[:, None, None], torch.sin(rad)[:, None, None]
+    x, y = base[None, None, :], base[None, :, None]
+    return ((cos * x - sin * y).abs() > 1.0) | ((sin * x + cos * y).abs() > 1.0)
+
+
 def _compacts(device: torch.device) -> bool:
     """Whether ``_masked`` computes only the selected samples on ``device`` (see there)."""
     return device.type == "cpu"
@@ -258,6 +399,37 @@ def _masked(
         sub = op(x.index_select(0, idx), *(a.index_select(0, idx) for a in args))
         return x.index_copy_(0, idx, sub)
     return torch.where(_per_sample(mask), op(x.clone(), *args), x)
+
+
+def _box_sizes(
+    u_area: torch.Tensor,
+    u_ratio: torch.Tensor,
+    height: float,
+    width: float,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heights and widths [n] of boxes inside ``height x width`` from two uniforms [n] each.
+
+    The area fraction is ``U(scale)`` and the log of the ratio ``w / h`` uniform over the part
+    of ``log(ratio)`` for which that area fits (see the module docstring).
+    """
+    H, W = height, width
+    area = (scale[0] + (scale[1] - scale[0]) * u_area) * (H * W)  # [n] target area, pixels^2
+    log_r_lo, log_r_hi = (math.log(r) for r in ratio)
+    # The box fits iff h = sqrt(area / r) <= H and w = sqrt(area * r) <= W, i.e.
+    # r in [area / H^2, W^2 / area]; intersect that with the allowed log-ratio range.
+    lo = torch.log(area / (H * H)).clamp(min=log_r_lo)
+    hi = torch.log((W * W) / area).clamp(max=log_r_hi)
+    # Where the intersection is empty, lo > hi and the draw lands between them; the clamp
+    # then picks the allowed ratio nearest to the fitting ones.
+    log_r = (lo + (hi - lo) * u_ratio).clamp(log_r_lo, log_r_hi)
+    r = torch.exp(log_r)
+    w = torch.sqrt(area * r)
+    h = torch.sqrt(area / r)
+    # 1 whenever the box fits (up to rounding); shrinks infeasible boxes, keeping the ratio.
+    shrink = torch.minimum(W / w, H / h).clamp(max=1.0)
+    return h * shrink, w * shrink
 
 
 class BatchAugment:
@@ -289,6 +461,14 @@ class BatchAugment:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Whether any op of the second draw is on (else that draw is not made at all).
+        self._second_draw = (
+            cfg.rotate_degrees > 0
+            or cfg.channel_shuffle_p > 0
+            or tuple(cfg.channel_gain) != (1.0, 1.0)
+            or cfg.invert_p > 0
+            or cfg.erase_p > 0
+        )
 
     def __repr__(self) -> str:
         return (
@@ -309,8 +489,12 @@ class BatchAugment:
         """Draw independent random parameters for ``n`` outputs from ``height x width`` images.
 
         Randomness comes only from ``generator`` when given (drawn on the generator's device,
-        then moved to ``device``), otherwise from the global RNG of ``device``. All draws are
-        one ``torch.rand(n, 14)`` call, so a seed fixes every parameter.
+        then moved to ``device``), otherwise from the global RNG of ``device``. The original
+        ops' parameters all come from one ``torch.rand(n, 14)`` call. Only when one of the
+        later ops (rotation, channel shuffle/gain, invert, erasing) is on, a second
+        ``torch.rand(n, 12)`` follows for all of those, and ``erase_value='random'`` adds a
+        ``torch.randn(n, 3, S, S)`` after it. So a seed fixes every parameter, and turning a
+        later op on or off never changes the parameters of the original ones.
 
         Returned keys (each tensor has leading dim ``n`` and lives on ``device``):
 
@@ -324,6 +508,14 @@ class BatchAugment:
         * ``gray``: bool [n], convert to grayscale.
         * ``blur``: bool [n], Gaussian-blur; ``sigma``: float32 [n], its std in pixels.
         * ``solarize``: bool [n], invert pixels >= ``cfg.solarize_threshold``.
+        * ``angle``: float32 [n], rotation in degrees, counter-clockwise.
+        * ``channel_perm``: int64 [n, 3], output channel c is input channel ``perm[c]`` (the
+          identity ``(0, 1, 2)`` for samples not shuffled).
+        * ``channel_gain``: float32 [n, 3], per-channel factors.
+        * ``invert``: bool [n], ``x -> 1 - x``.
+        * ``erase``: bool [n], erase a rectangle; ``erase_box``: float32 [n, 4], its
+          ``(top, left, height, width)`` in whole output pixels; ``erase_noise``: float32
+          [n, 3, S, S], the N(0, 1) fill when ``cfg.erase_value == 'random'``.
 
         A key is left out when the config disables its op (probability 0, or a jitter
         strength of 0), so that :meth:`apply` skips the op without looking at the data.
@@ -371,31 +563,60 @@ class BatchAugment:
             params["sigma"] = lo + (hi - lo) * u[:, _U_SIGMA]
         if cfg.solarize_p > 0:
             params["solarize"] = u[:, _U_SOLAR] < cfg.solarize_p
+        if self._second_draw:
+            v = torch.rand(n, _N_UNIFORMS_2, generator=generator, device=sample_device)
+            params.update(self._sample_later_ops(v, generator))
         # contiguous(): column slices of u would otherwise keep strided views of it.
         return {k: v.contiguous().to(out_device) for k, v in params.items()}
 
     def _sample_boxes(self, u: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Crop boxes [n, 4] = (top, left, h, w) from the uniforms ``u`` [n, 14]."""
         H, W = float(height), float(width)
-        s_lo, s_hi = self.cfg.crop_scale
-        area = (s_lo + (s_hi - s_lo) * u[:, _U_AREA]) * (H * W)  # [n] target area, pixels^2
-        log_r_lo, log_r_hi = (math.log(r) for r in self.cfg.crop_ratio)
-        # The box fits iff h = sqrt(area / r) <= H and w = sqrt(area * r) <= W, i.e.
-        # r in [area / H^2, W^2 / area]; intersect that with the allowed log-ratio range.
-        lo = torch.log(area / (H * H)).clamp(min=log_r_lo)
-        hi = torch.log((W * W) / area).clamp(max=log_r_hi)
-        # Where the intersection is empty, lo > hi and the draw lands between them; the clamp
-        # then picks the allowed ratio nearest to the fitting ones.
-        log_r = (lo + (hi - lo) * u[:, _U_RATIO]).clamp(log_r_lo, log_r_hi)
-        ratio = torch.exp(log_r)
-        w = torch.sqrt(area * ratio)
-        h = torch.sqrt(area / ratio)
-        # 1 whenever the box fits (up to rounding); shrinks infeasible boxes, keeping the ratio.
-        shrink = torch.minimum(W / w, H / h).clamp(max=1.0)
-        h, w = h * shrink, w * shrink
+        h, w = _box_sizes(
+            u[:, _U_AREA], u[:, _U_RATIO], H, W, self.cfg.crop_scale, self.cfg.crop_ratio
+        )
         top = u[:, _U_TOP] * (H - h).clamp(min=0.0)
         left = u[:, _U_LEFT] * (W - w).clamp(min=0.0)
         return torch.stack((top, left, h, w), dim=1)
+
+    def _sample_later_ops(
+        self, v: torch.Tensor, generator: torch.Generator | None
+    ) -> dict[str, torch.Tensor]:
+        """Parameters of the ops added later, from the second draw ``v`` [n, 12]."""
+        cfg = self.cfg
+        n = v.shape[0]
+        params: dict[str, torch.Tensor] = {}
+        if cfg.rotate_degrees > 0:
+            params["angle"] = (2.0 * v[:, _V_ANGLE] - 1.0) * cfg.rotate_degrees
+        if cfg.channel_shuffle_p > 0:
+            # floor(6u) picks one of the 6 permutations; samples not shuffled get index 0.
+            k = (v[:, _V_PERM] * 6.0).long().clamp_(max=5)
+            k = torch.where(v[:, _V_SHUFFLE] < cfg.channel_shuffle_p, k, 0)
+            params["channel_perm"] = torch.tensor(_PERMUTATIONS, device=v.device)[k]
+        if tuple(cfg.channel_gain) != (1.0, 1.0):
+            lo, hi = cfg.channel_gain
+            params["channel_gain"] = lo + (hi - lo) * v[:, _V_GAIN_R : _V_GAIN_B + 1]
+        if cfg.invert_p > 0:
+            params["invert"] = v[:, _V_INVERT] < cfg.invert_p
+        if cfg.erase_p > 0:
+            S = float(self.out_size)
+            size = self.out_size
+            # torchvision's ratio is height / width, _box_sizes' is width / height.
+            r_lo, r_hi = cfg.erase_ratio
+            u_area, u_ratio = v[:, _V_ERASE_AREA], v[:, _V_ERASE_RATIO]
+            h, w = _box_sizes(u_area, u_ratio, S, S, cfg.erase_scale, (1 / r_hi, 1 / r_lo))
+            h = h.round().clamp(1.0, S)
+            w = w.round().clamp(1.0, S)
+            # Uniform over the S - h + 1 whole-pixel positions (the min guards u * k -> k).
+            top = torch.minimum((v[:, _V_ERASE_TOP] * (S - h + 1.0)).floor(), S - h)
+            left = torch.minimum((v[:, _V_ERASE_LEFT] * (S - w + 1.0)).floor(), S - w)
+            params["erase"] = v[:, _V_ERASE] < cfg.erase_p
+            params["erase_box"] = torch.stack((top, left, h, w), dim=1)
+            if cfg.erase_value == "random":
+                params["erase_noise"] = torch.randn(
+                    n, 3, size, size, generator=generator, device=v.device
+                )
+        return params
 
     # ------------------------------------------------------------------ application
 
@@ -425,6 +646,10 @@ class BatchAugment:
         params = {k: v.to(x.device) for k, v in params.items()}  # no copy when already there
         out = self._crop_flip_resize(x, params, n)  # [n, 3, S, S]
 
+        if "channel_perm" in params:
+            out = _channel_shuffle(out, params["channel_perm"].long())
+        if "channel_gain" in params:
+            out = out.mul_(params["channel_gain"].to(out.dtype).view(n, 3, 1, 1)).clamp_(0.0, 1.0)
         if "jitter" in params:
             # Fixed order brightness -> contrast -> saturation -> hue (torchvision: random),
             # under one mask so that the CPU path compacts the jittered samples only once.
@@ -452,9 +677,20 @@ class BatchAugment:
         if "solarize" in params:
             thr = self.cfg.solarize_threshold
             out = _masked(out, params["solarize"], lambda t: _solarize_(t, thr))
+        if "invert" in params:
+            out = _invert_(out, params["invert"])
         if self.cfg.normalize:
             mean, std = self._mean_std(out.device)
             out = out.sub_(mean).div_(std)
+        if "erase_box" in params:
+            fill: float | torch.Tensor
+            if self.cfg.erase_value == "random":
+                if "erase_noise" not in params:
+                    raise ValueError("erase_value='random' needs the 'erase_noise' parameter")
+                fill = params["erase_noise"].to(out.dtype)
+            else:
+                fill = float(self.cfg.erase_value)
+            out = _erase_(out, params["erase_box"], params.get("erase"), fill)
         return out
 
     def _crop_flip_resize(
@@ -478,23 +714,42 @@ class BatchAugment:
         sx = w / W
         if "flip" in params:
             sx = torch.where(params["flip"], -sx, sx)
-        zero = torch.zeros_like(sx)
-        theta = torch.stack(
-            (
-                torch.stack((sx, zero, (2.0 * left + w) / W - 1.0), dim=1),
-                torch.stack((zero, h / H, (2.0 * top + h) / H - 1.0), dim=1),
-            ),
-            dim=1,
-        )  # [n, 2, 3]
+        tx = (2.0 * left + w) / W - 1.0
+        sy = h / H
+        ty = (2.0 * top + h) / H - 1.0
+        angle = params.get("angle")
+        if angle is None:
+            zero = torch.zeros_like(sx)
+            theta = torch.stack(
+                (torch.stack((sx, zero, tx), dim=1), torch.stack((zero, sy, ty), dim=1)), dim=1
+            )  # [n, 2, 3]
+        else:
+            # Rotation about the view's centre, applied to the output coordinates before the
+            # crop map: output point p reads the flipped crop at R p. In image coordinates (y
+            # down), content turned counter-clockwise by a is read at
+            # R = [[cos a, -sin a], [sin a, cos a]] (the output is square, so no aspect fix).
+            rad = angle.to(x.dtype) * (math.pi / 180.0)
+            cos, sin = torch.cos(rad), torch.sin(rad)
+            theta = torch.stack(
+                (
+                    torch.stack((sx * cos, -sx * sin, tx), dim=1),
+                    torch.stack((sy * sin, sy * cos, ty), dim=1),
+                ),
+                dim=1,
+            )  # [n, 2, 3]
         # Put the V views of each image next to each other (b-major) and stack them along the
         # grid's height instead of repeating the source V times: grid_sample then reads
         # [B, 3, H, W] once, whatever V is.
         theta = theta.view(V, B, 2, 3).transpose(0, 1).reshape(n, 2, 3)
-        grid = _axis_aligned_affine_grid(theta, S).view(B, V * S, S, 2)
+        make_grid = _axis_aligned_affine_grid if angle is None else _affine_grid
+        grid = make_grid(theta, S).view(B, V * S, S, 2)
         # padding_mode="border" replicates the image edge, like F.interpolate's clamping.
         out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         # [B, 3, V*S, S] -> [V, B, 3, S, S] -> [n, 3, S, S] with n ordered view-major.
-        return out.view(B, C, V, S, S).permute(2, 0, 1, 3, 4).reshape(n, C, S, S)
+        out = out.view(B, C, V, S, S).permute(2, 0, 1, 3, 4).reshape(n, C, S, S)
+        if angle is not None and self.cfg.rotate_fill == "zeros":
+            out = out.masked_fill_(_outside_view(rad, S).unsqueeze(1), 0.0)
+        return out
 
     @torch.no_grad()
     def __call__(

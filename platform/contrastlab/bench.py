@@ -453,10 +453,21 @@ def reference_transform(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> T.Compose:
-    """The augmentation recipe as the reference repos write it: torchvision on a PIL image."""
+    """The augmentation recipe as the reference repos write it: torchvision on a PIL image.
+
+    The opt-in ops follow ``BatchAugment``'s order; rotation fills with black whatever
+    ``rotate_fill`` says (torchvision has no 'image' fill), which costs the same.
+    """
     ops: list[Callable] = [T.RandomResizedCrop(size, scale=cfg.crop_scale, ratio=cfg.crop_ratio)]
     if cfg.flip_p > 0:
         ops.append(T.RandomHorizontalFlip(cfg.flip_p))
+    if cfg.rotate_degrees > 0:
+        bilinear = T.InterpolationMode.BILINEAR
+        ops.append(T.RandomRotation(cfg.rotate_degrees, interpolation=bilinear))
+    if cfg.channel_shuffle_p > 0:
+        ops.append(T.RandomApply([_PILChannelShuffle()], p=cfg.channel_shuffle_p))
+    if tuple(cfg.channel_gain) != (1.0, 1.0):
+        ops.append(_PILChannelGain(*cfg.channel_gain))
     if cfg.jitter_p > 0:
         jitter = T.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
         ops.append(T.RandomApply([jitter], p=cfg.jitter_p))
@@ -467,10 +478,40 @@ def reference_transform(
         ops.append(T.RandomApply([blur], p=cfg.blur_p))
     if cfg.solarize_p > 0:  # PIL solarizes pixels >= threshold, in 0..255 units
         ops.append(T.RandomSolarize(round(cfg.solarize_threshold * 255), p=cfg.solarize_p))
+    if cfg.invert_p > 0:
+        ops.append(T.RandomInvert(cfg.invert_p))
     ops.append(T.ToTensor())
     if cfg.normalize:
         ops.append(T.Normalize(mean, std))
+    if cfg.erase_p > 0:
+        ops.append(
+            T.RandomErasing(cfg.erase_p, cfg.erase_scale, cfg.erase_ratio, value=cfg.erase_value)
+        )
     return T.Compose(ops)
+
+
+class _PILChannelShuffle:
+    """A uniform random permutation of a PIL RGB image's bands (a class: DataLoader workers
+    pickle the transform)."""
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        bands = img.split()
+        return Image.merge("RGB", [bands[i] for i in torch.randperm(3).tolist()])
+
+
+class _PILChannelGain:
+    """Each band of a PIL RGB image times its own ``U(lo, hi)``, clipped to 255."""
+
+    def __init__(self, lo: float, hi: float) -> None:
+        self.lo, self.hi = lo, hi
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        gains = (self.lo + (self.hi - self.lo) * torch.rand(3)).tolist()
+        bands = [
+            b.point([min(255, round(v * g)) for v in range(256)])
+            for b, g in zip(img.split(), gains, strict=True)
+        ]
+        return Image.merge("RGB", bands)
 
 
 class ReferenceViews(torch.utils.data.Dataset):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -352,12 +353,33 @@ class AugmentConfig(_Strict):
     variant of SimCLR's); any field set explicitly wins. The saved config holds the resolved
     values. When ``recipe`` is not given it follows the method and dataset: ``emp_ssl`` for
     EMP-SSL, ``digits`` on the built-in digits, else ``simclr``.
+
+    The colour-identity, inversion, rotation and erasing ops (``channel_shuffle_p`` to
+    ``erase_value``) are off by default and in every recipe; where each sits in the pipeline
+    is listed in :mod:`contrastlab.augment`.
     """
 
     recipe: Literal["simclr", "emp_ssl", "digits"] = "simclr"
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = Field(0.5, ge=0, le=1)
+    rotate_degrees: float = Field(
+        0.0, ge=0, le=180, description="rotate each view by U(-d, d) degrees (counter-clockwise +)"
+    )
+    rotate_fill: Literal["image", "zeros"] = Field(
+        "image",
+        description=(
+            "what a rotated view shows where it leaves its crop box: 'image' (the source image "
+            "around the box; its edge replicated beyond the image) or 'zeros' (black, as "
+            "torchvision's RandomRotation after the crop)"
+        ),
+    )
+    channel_shuffle_p: float = Field(
+        0.0, ge=0, le=1, description="permute RGB by a uniform random permutation (of all 6)"
+    )
+    channel_gain: tuple[float, float] = Field(
+        (1.0, 1.0), description="multiply each channel by U(low, high), then clamp; (1, 1) = off"
+    )
     jitter_p: float = Field(0.8, ge=0, le=1)
     brightness: float = Field(0.4, ge=0)
     contrast: float = Field(0.4, ge=0)
@@ -371,16 +393,43 @@ class AugmentConfig(_Strict):
     )
     solarize_p: float = Field(0.0, ge=0, le=1)
     solarize_threshold: float = Field(0.5, ge=0, le=1)
+    invert_p: float = Field(0.0, ge=0, le=1, description="intensity inversion x -> 1 - x")
     normalize: bool = Field(True, description="subtract dataset mean, divide by std")
+    erase_p: float = Field(0.0, ge=0, le=1, description="erase one random rectangle per view")
+    erase_scale: tuple[float, float] = Field(
+        (0.02, 0.33), description="erased area as a fraction of the view, U(low, high)"
+    )
+    erase_ratio: tuple[float, float] = Field(
+        (0.3, 3.3), description="erased rectangle's height / width, log-uniform in the range"
+    )
+    erase_value: float | Literal["random"] = Field(
+        0.0,
+        description=(
+            "what the erased rectangle holds, written into the final (normalised, if normalize) "
+            "output: a number (0 = the dataset mean colour when normalize, black when not) or "
+            "'random' (i.i.d. N(0, 1) per pixel and channel, as torchvision's value='random')"
+        ),
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> AugmentConfig:
-        for key in ("crop_scale", "crop_ratio", "blur_sigma"):
+        for key in ("crop_scale", "crop_ratio", "blur_sigma", "erase_scale", "erase_ratio"):
             lo, hi = getattr(self, key)
-            if not (0 < lo <= hi):
+            if not (0 < lo <= hi < math.inf):
                 raise ValueError(f"augment.{key} must satisfy 0 < low <= high, got {(lo, hi)}")
-        if self.crop_scale[1] > 1:
-            raise ValueError(f"augment.crop_scale high must be <= 1, got {self.crop_scale[1]}")
+        for key in ("crop_scale", "erase_scale"):
+            if getattr(self, key)[1] > 1:
+                raise ValueError(f"augment.{key} high must be <= 1, got {getattr(self, key)[1]}")
+        lo, hi = self.channel_gain
+        if not (0 <= lo <= hi < math.inf):
+            raise ValueError(
+                f"augment.channel_gain must satisfy 0 <= low <= high, got {(lo, hi)}; "
+                "(1.0, 1.0) turns it off"
+            )
+        if isinstance(self.erase_value, float) and not math.isfinite(self.erase_value):
+            raise ValueError(
+                f"augment.erase_value must be a finite number or 'random', got {self.erase_value}"
+            )
         return self
 
 

@@ -80,7 +80,8 @@ def _distributions(space: SearchSpace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for p in space.params:
         if p.dist == "categorical":
-            out[p.path] = d.CategoricalDistribution(list(p.choices or ()))
+            # tuple choices (augment.crop_scale, ...) as their labels: Optuna takes scalars
+            out[p.path] = d.CategoricalDistribution(p.optuna_choices)
         elif p.dist == "int":
             out[p.path] = d.IntDistribution(int(p.low), int(p.high), log=p.log, step=p.step or 1)
         else:
@@ -108,7 +109,8 @@ def rebuild_study(trials: list[dict[str, Any]], space: SearchSpace):
         values: dict[str, Any] = {}
         for p in space.params:
             if p.path in t["params"] and space.is_active(p, values):
-                values[p.path] = t["params"][p.path]
+                # MLflow gives a tuple field back as a list: the study knows its label
+                values[p.path] = p.encode(t["params"][p.path])
         # a value outside the space (a space edited since the sweep) cannot enter the study
         params = {k: v for k, v in values.items() if _inside(dists[k], v)}
         ok = t["status"] != "FAILED" and t["value"] is not None and math.isfinite(t["value"])

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import difflib
 import itertools
+import json
 import math
 import re
 import types
@@ -144,7 +145,10 @@ class Param:
         high: Upper end (inclusive), as ``low``.
         step: Grid step of an ``int`` param (``None`` = 1).
         log: ``int`` sampled on a log scale (``loguniform`` is the float one).
-        choices: The values of a ``categorical`` param, else ``None``.
+        choices: The values of a ``categorical`` param, else ``None``. For a tuple field
+            (``augment.crop_scale``, ``optim.betas``, ...) each choice is a tuple; Optuna, whose
+            choices must be scalars, sees each one as its label, the JSON list text
+            ``"[0.08, 1.0]"`` (:attr:`optuna_choices`, :meth:`encode`, :meth:`decode`).
         when: ``{path: value}``: the param is sampled only when every listed path has that
             value (a searched value, or the fixed one from ``base``/the config defaults).
     """
@@ -168,10 +172,36 @@ class Param:
         """Values checked on load: both range ends, or every choice."""
         return self.choices if self.choices is not None else (self.low, self.high)
 
+    @property
+    def optuna_choices(self) -> list[Any]:
+        """The choices as Optuna sees them: each tuple choice as its label (see ``choices``)."""
+        return [_label(c) if isinstance(c, tuple) else c for c in self.choices or ()]
+
+    def decode(self, value: Any) -> Any:
+        """A value as Optuna gives it back (a tuple choice's label) -> the config value (a
+        list); anything else is returned as is."""
+        if isinstance(value, str) and self.choices is not None:
+            for c in self.choices:
+                if isinstance(c, tuple) and _label(c) == value:
+                    return _as_list(c)
+        return value
+
+    def encode(self, value: Any) -> Any:
+        """A config value (e.g. a list read back from MLflow) -> the value Optuna knows: the
+        label of the tuple choice equal to it; anything else is returned as is."""
+        if isinstance(value, list | tuple) and self.choices is not None:
+            for c in self.choices:
+                if isinstance(c, tuple) and _as_list(c) == _as_list(value):
+                    return _label(c)
+        return value
+
     def suggest(self, trial: optuna.Trial) -> Any:
-        """Draw this param from an Optuna trial (its name in Optuna is :attr:`path`)."""
+        """Draw this param from an Optuna trial (its name in Optuna is :attr:`path`).
+
+        Returns the config value: for a tuple field the chosen list (Optuna records its label).
+        """
         if self.dist == "categorical":
-            return trial.suggest_categorical(self.path, list(self.choices or ()))
+            return self.decode(trial.suggest_categorical(self.path, self.optuna_choices))
         assert self.low is not None and self.high is not None
         if self.dist == "int":
             return trial.suggest_int(
@@ -185,7 +215,7 @@ class Param:
         """The param's YAML form (the value of ``params.<path>``)."""
         out: dict[str, Any] = {"dist": self.dist}
         if self.choices is not None:
-            out["choices"] = list(self.choices)
+            out["choices"] = [_as_list(c) for c in self.choices]
         else:
             out["low"], out["high"] = self.low, self.high
         if self.step is not None:
@@ -304,7 +334,8 @@ class SearchSpace:
 
         Args:
             sampled: ``{dotted path: value}`` (``trial.params``). Params left out keep their
-                ``base``/default value.
+                ``base``/default value. A tuple field's value may be its Optuna label
+                (``"[0.08, 1.0]"``) or the list itself.
 
         Returns:
             The validated :class:`Config`.
@@ -322,6 +353,9 @@ class SearchSpace:
                     f"{self.path}: {key!r} is not a param of this space"
                     f"{_hint(str(key), searched)}; allowed: {', '.join(searched)}"
                 )
+        # Optuna's labels of tuple choices back to lists (other values pass through)
+        by_path = {p.path: p for p in self.params}
+        sampled = {k: by_path[k].decode(v) for k, v in sampled.items()}
         for p in self.params:
             if p.path in sampled and not _is_active(p, sampled, searched):
                 raise SpaceError(
@@ -695,7 +729,8 @@ def _check_values(space: SearchSpace, required: dict[str, dict[str, Any]], base_
             alone = {**required[p.path], p.path: value}
             err = build(alone)
             if err is not None and build(reference(alone)) is not None:
-                raise SpaceError(f"{where}: params.{p.path}: value {value!r} is invalid: {err}")
+                shown = _as_list(value)  # a tuple field's choice as written in YAML
+                raise SpaceError(f"{where}: params.{p.path}: value {shown!r} is invalid: {err}")
     # 2. each value beside the others' reference values (catches combinations with
     #    non-categorical params too)
     for p in space.params:
@@ -856,13 +891,23 @@ def _parse_param(path: str, spec: Any, method: str | None, errs: list[str]) -> P
             f"allowed: {', '.join(DISTRIBUTIONS)}"
         )
         return None
+    field_args = None  # the element types when the field is a tuple
+    if path_err is None and (method is not None or not path.startswith("method.")):
+        kind_err = _dist_kind_error(path, method, dist)
+        if kind_err is not None:
+            errs.append(f"{key}: {kind_err}")
+            return None
+        field_args = _tuple_args(path, method)
     allowed = _DIST_KEYS[dist]
     for k in spec:
         if k not in allowed:
             errs.append(_unknown(f"{key}.{k}", str(k), allowed) + f" (for dist: {dist})")
     when = _parse_when(key, spec.get("when"), path, method, errs)
     if dist == "categorical":
-        choices = _parse_choices(key, spec.get("choices"), errs)
+        if field_args is not None:
+            choices = _parse_tuple_choices(key, spec.get("choices"), field_args, errs)
+        else:
+            choices = _parse_choices(key, spec.get("choices"), errs)
         if len(errs) > n_errs:
             return None
         return Param(path=path, dist=dist, choices=choices, when=when)
@@ -943,6 +988,121 @@ def _parse_choices(key: str, choices: Any, errs: list[str]) -> tuple[Any, ...] |
     return tuple(choices)
 
 
+def _parse_tuple_choices(
+    key: str, choices: Any, args: tuple[Any, ...], errs: list[str]
+) -> tuple[Any, ...] | None:
+    """Choices of a tuple field: each one a list matching the field (kept as tuples)."""
+    example = _tuple_example(args)
+    if choices is None or not isinstance(choices, list) or not choices:
+        errs.append(
+            f"{key}.choices: must be a non-empty list of {_tuple_kind(args)}, got "
+            f"{_describe(choices)}; e.g. choices: [{example}, ...]"
+        )
+        return None
+    out: list[tuple[Any, ...]] = []
+    for c in choices:
+        value, why = _normalize_tuple(c, args)
+        if value is None:
+            errs.append(
+                f"{key}.choices: {_describe(c)} is not allowed: {why}; this field is a tuple, "
+                f"each choice must be {_tuple_kind(args, one=True)}, e.g. {example}"
+            )
+            return None
+        if value in out:
+            errs.append(f"{key}.choices: {_as_list(value)!r} is listed twice")
+            return None
+        out.append(value)
+    return tuple(out)
+
+
+def _tuple_args(path: str, method: str | None) -> tuple[Any, ...] | None:
+    """The element types of a tuple-typed config field (``(float, float)``), else None."""
+    ann = _field_annotation(path, method)
+    return typing.get_args(ann) if typing.get_origin(ann) is tuple else None
+
+
+def _normalize_tuple(value: Any, args: tuple[Any, ...]) -> tuple[Any, None] | tuple[None, str]:
+    """``(value as nested tuples, None)`` if ``value`` fits a ``tuple[*args]`` field, else
+    ``(None, why)``. Float elements become floats, so [0.08, 1] and [0.08, 1.0] are equal.
+    """
+    if not isinstance(value, list | tuple):
+        return None, "not a list"
+    variable = len(args) == 2 and args[1] is Ellipsis
+    kinds = [args[0]] * len(value) if variable else list(args)
+    if len(kinds) != len(value):
+        return None, f"has {len(value)} values, not {len(args)}"
+    out: list[Any] = []
+    for v, kind in zip(value, kinds, strict=True):
+        if typing.get_origin(kind) is tuple:
+            inner, why = _normalize_tuple(v, typing.get_args(kind))
+            if inner is None:
+                return None, f"{v!r} {why}"
+            out.append(inner)
+        elif kind is float:
+            if not _is_finite_number(v):
+                return None, f"{v!r} is not a finite number"
+            out.append(float(v))
+        elif kind is int:
+            if not _is_int(v):
+                return None, f"{v!r} is not an integer"
+            out.append(v)
+        elif not _is_scalar(v):
+            return None, f"{v!r} is not a scalar"
+        else:
+            out.append(v)
+    return tuple(out), None
+
+
+def _tuple_kind(args: tuple[Any, ...], one: bool = False) -> str:
+    """What a value of a ``tuple[*args]`` field looks like in YAML (``one``: singular)."""
+    what = "list" if one else "lists"
+    if len(args) == 2 and args[1] is Ellipsis:
+        return f"a {what}" if one else what
+    if all(a is float for a in args):
+        what += f" of {len(args)} numbers"
+    else:
+        what += f" of {len(args)} values"
+    return f"a {what}" if one else what
+
+
+def _tuple_example(args: tuple[Any, ...]) -> str:
+    if all(a is float for a in args) and len(args) == 2:
+        return "[0.08, 1.0]"
+    return "[...]"
+
+
+def _label(choice: tuple[Any, ...]) -> str:
+    """The label Optuna sees for a tuple choice: its JSON list text, as MLflow logs it."""
+    return json.dumps(_as_list(choice))
+
+
+def _as_list(x: Any) -> Any:
+    """Tuples (nested too) -> lists: the YAML and config form of a tuple value."""
+    return [_as_list(v) for v in x] if isinstance(x, list | tuple) else x
+
+
+def _dist_kind_error(path: str, method: str | None, dist: str) -> str | None:
+    """A distribution that cannot produce values of the field's kind (tuple, choice list)."""
+    ann = _field_annotation(path, method)
+    if typing.get_origin(ann) is tuple and dist != "categorical":
+        default = _field_info(path, method).default
+        shown = f"[{_as_list(default)!r}, ...]" if default is not None else "[[...], [...]]"
+        return (
+            f"is a tuple field ({_type_name(ann)}); only dist: categorical can search it, with "
+            f"lists as choices, e.g. {{dist: categorical, choices: {shown}}}; not {dist}"
+        )
+    if typing.get_origin(ann) is typing.Literal and dist != "categorical":
+        allowed = ", ".join(str(a) for a in typing.get_args(ann))
+        return (
+            f"takes one of {allowed}; allowed: dist: categorical with those as choices, not {dist}"
+        )
+    return None
+
+
+def _type_name(ann: Any) -> str:
+    return str(ann).replace("typing.", "")
+
+
 def _parse_when(
     key: str, when: Any, path: str, method: str | None, errs: list[str]
 ) -> dict[str, Any]:
@@ -1009,10 +1169,18 @@ def _path_error(path: str, method: str | None, what: str) -> str | None:
     return None
 
 
-def _field_annotation(path: str, method: str) -> Any:
+def _field_info(path: str, method: str | None) -> Any:
+    """The pydantic FieldInfo of a valid ``section.field`` path (``method`` known for
+    ``method.*`` paths)."""
     section, name = path.split(".")
-    model = METHOD_CONFIGS[method] if section == "method" else _SECTIONS[section]
-    return model.model_fields[name].annotation
+    if section == "method":
+        assert method is not None
+        return METHOD_CONFIGS[method].model_fields[name]
+    return _SECTIONS[section].model_fields[name]
+
+
+def _field_annotation(path: str, method: str | None) -> Any:
+    return _field_info(path, method).annotation
 
 
 def _field_kind_errors(p: Param, method: str) -> list[str]:
@@ -1287,7 +1455,8 @@ def _yaml_hint(x: Any) -> str:
 
 
 def _show(values: Mapping[str, Any]) -> str:
-    return "{" + ", ".join(f"{k}: {v!r}" for k, v in values.items()) + "}"
+    # tuple values (a tuple field's choices) as the lists the YAML has
+    return "{" + ", ".join(f"{k}: {_as_list(v)!r}" for k, v in values.items()) + "}"
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -95,8 +95,15 @@ def smoke_space(space: SearchSpace, trials: int = 3, epochs: int = 2) -> SearchS
     lr, weight decay, momentum, eps, ...), fixes the sizes small, and trains on digits.
     """
     drop = {p.path: None for p in space.params if p.path.startswith(_SMOKE_FIXED)}
-    base = {**_SMOKE_BASE, "method": _SMOKE_METHOD.get(space.method, {})}
     smaller = space.with_overrides(param_overrides=drop) if drop else space
+    # a path that stays searched (e.g. augment.recipe) must not also be fixed in base
+    base = {
+        section: {k: v for k, v in values.items() if f"{section}.{k}" not in smaller.param_paths}
+        for section, values in {
+            **_SMOKE_BASE,
+            "method": _SMOKE_METHOD.get(space.method, {}),
+        }.items()
+    }
     # conditional params whose parent was dropped would dangle: drop them as well
     parents = {path for p in smaller.params for path in p.when}
     dangling = {path: None for path in parents if path not in smaller.param_paths}
