@@ -62,3 +62,53 @@ def test_a_bad_set_key_is_a_clear_error_and_nothing_starts(
     assert not ray.is_initialized()
     rc = main([command, flag, str(path), "--set", "optim.lr=-1"])
     assert rc == 2 and "optim.lr" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_new_dataset_space_runs_on_parquet_shards_pointed_at_by_set(tmp_path, capsys):
+    """The new-dataset space, shrunk by --smoke-test, on a learnability task's Parquet shards:
+    every trial trains on those shards (not the space's digits) and logs the label-free
+    monitors next to kNN."""
+    import ray
+
+    from contrastlab import tracking
+    from contrastlab.data.tasks import write_task
+
+    write_task("colour", tmp_path / "colour")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [
+        "sweep",
+        "--space",
+        str(ROOT / "search_spaces" / "new_dataset.yaml"),
+        "--smoke-test",
+        "--name",
+        "nd",
+        "--set",
+        "data.dataset=parquet",
+        "--set",
+        f"data.root={tmp_path / 'colour' / 'train'}",
+        "--set",
+        f"data.test_root={tmp_path / 'colour' / 'test'}",
+        "--set",
+        "data.image_size=16",
+        "--storage-path",
+        str(tmp_path / "sweeps"),
+        "--tracking-uri",
+        uri,
+    ]
+    try:
+        rc = main(args)  # starts a local Ray in this process
+    finally:
+        ray.shutdown()
+    assert rc == 0, capsys.readouterr().err[-3000:]
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name("contrastlab-new_dataset")
+    parent = tracking.find_parent(uri, exp.experiment_id, "nd")
+    runs = tracking.child_runs(uri, exp.experiment_id, parent)
+    assert len(runs) == 3
+    for run in runs:
+        assert run.data.params["data.dataset"] == "parquet"
+        assert run.data.params["data.root"] == str(tmp_path / "colour" / "train")
+        for key in ("knn_top1", "rankme", "alignment", "uniformity", "nuisance_r2"):
+            assert key in run.data.metrics, key
+    assert any(r.info.status == "FINISHED" for r in runs)

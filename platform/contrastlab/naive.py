@@ -109,6 +109,7 @@ def naive_simclr(
     Returns:
         ``init_knn_top1`` (the random-init encoder), ``knn_top1`` (after the last epoch),
         ``best_knn_top1`` (over epochs 1..N), ``history`` (kNN per epoch, 0 = init),
+        ``elapsed_s`` (seconds since the start when each ``history`` entry was measured),
         ``wall_s`` (training and evaluation), ``settings`` (every argument above).
     """
     settings = dict(batch_size=batch_size, lr=lr, temperature=temperature, crop_scale=crop_scale)
@@ -147,6 +148,7 @@ def naive_simclr(
         return acc["knn_top1"]
 
     history = [knn()]
+    elapsed = [time.perf_counter() - start]  # wall time when each history entry was measured
     for epoch in range(1, epochs + 1):
         order = torch.randperm(n, generator=g)
         losses = []
@@ -159,6 +161,7 @@ def naive_simclr(
             opt.step()
             losses.append(loss.item())
         history.append(knn())
+        elapsed.append(time.perf_counter() - start)
         if log is not None:
             log(
                 f"naive epoch {epoch}/{epochs} | loss {sum(losses) / len(losses):.4f} | "
@@ -169,6 +172,7 @@ def naive_simclr(
         "knn_top1": history[-1],
         "best_knn_top1": max(history[1:]) if epochs else history[0],
         "history": history,
+        "elapsed_s": elapsed,
         "wall_s": time.perf_counter() - start,
         "settings": settings,
     }
