@@ -93,9 +93,11 @@ def test_shipped_space_samples_valid_configs(path):
         assert cfg.method.name == space.method
         assert cfg.train.epochs == space.epochs
         flat = cfg.flat()
-        for key, value in params.items():
+        for key, label in params.items():
+            value = by_path[key].decode(label)  # a tuple field's choice is its JSON label
             assert flat[key] == value, key
-            assert _in_range(by_path[key], value), (key, value)
+            choice = tuple(value) if isinstance(value, list) else value
+            assert _in_range(by_path[key], choice), (key, value)
         for key, value in space.base.get("data", {}).items():
             assert flat[f"data.{key}"] == value
 

@@ -126,7 +126,7 @@ def test_a_diverging_trial_is_failed_with_its_reason(tmp_path, ray_local):
 
 @pytest.mark.slow
 def test_a_reused_trial_process_changes_no_result(tmp_path, ray_local):
-    """reuse_actors (the default): three trials run one after the other in one process, and
+    """reuse_actors (opt-in): three trials run one after the other in one process, and
     the last one, which ran after two others there, still reproduces bit for bit in a fresh
     process: nothing a trial leaves behind (RNG, threads, flags, caches) changes the next."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -136,6 +136,7 @@ def test_a_reused_trial_process_changes_no_result(tmp_path, ray_local):
         name="reuse",
         storage_path=tmp_path / "sweeps",
         tracking_uri=uri,
+        reuse_actors=True,
     )
     parent, runs = _children(uri, out)
     assert parent.data.tags["contrastlab.reuse_actors"] == "True"

@@ -516,7 +516,7 @@ def run_ablation(
     max_failures: int = 0,
     ray_address: str | None = None,
     out_dir: str | Path | None = None,
-    reuse_actors: bool = True,
+    reuse_actors: bool = False,
 ) -> AblationOutcome:
     """Run every cell x seed on Ray Tune (a grid, no early stopping), then :func:`analyse`.
 

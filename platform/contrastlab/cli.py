@@ -237,9 +237,10 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--reuse-actors",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=False,
         help="run the next trial in a finished trial's process, skipping process start and "
-        "imports (default yes)",
+        "imports (default no: a trial stopped by ASHA must end its epoch within 2 s for its "
+        "process to be reused, else Ray errors the next trial; worth it for short epochs)",
     )
 
 

@@ -43,7 +43,7 @@ class SweepSettings:
     experiment_id: str
     parent_run_id: str
     runner: str  # "direct" | "trainer"
-    reuse_actors: bool = True  # a finished trial's process runs the next trial
+    reuse_actors: bool = False  # a finished trial's process runs the next trial
 
 
 @dataclass
@@ -542,7 +542,7 @@ def open_sweep(
     experiment: str | None,
     resume: bool,
     runner: str,
-    reuse_actors: bool = True,
+    reuse_actors: bool = False,
 ) -> SweepSettings:
     """Everything before Ray: check the store, pick the runner, create or find the parent run.
 
@@ -726,7 +726,7 @@ def run_sweep(
     runner: str = "auto",
     max_failures: int = 0,
     ray_address: str | None = None,
-    reuse_actors: bool = True,
+    reuse_actors: bool = False,
 ) -> SweepOutcome:
     """Run (or, with ``resume``, continue) a sweep; returns per-trial outcomes.
 
@@ -744,7 +744,12 @@ def run_sweep(
         ray_address: Ray cluster to join (default: ``$RAY_ADDRESS``, else a local Ray).
         reuse_actors: a finished trial's process runs the next trial of the same resources,
             skipping process start and imports (a finished trial frees its memory, see
-            :func:`_release_memory`); False starts a fresh process per trial.
+            :func:`_release_memory`); False (default) starts a fresh process per trial. Off
+            by default: Ray reuses a process only if the trial that ran there (e.g. stopped
+            by ASHA) ends its current epoch within ``TUNE_FUNCTION_THREAD_TIMEOUT_S`` (2 s),
+            else it errors the next trial (seen on 2 loaded cores with 1-2 s epochs; one
+            such sweep then hung); for epochs longer than that the saved start-up is also
+            negligible.
     """
     import optuna
     from ray import tune
