@@ -159,6 +159,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference(texts: list[str]) -> dict[str, object] | None:
+    """``--reference FACTOR=VALUE ...`` as ``{factor: value}`` (None: the first cell)."""
+    from contrastlab.config import parse_override
+
+    if not texts:
+        return None
+    return {".".join(path): value for path, value in map(parse_override, texts)}
+
+
 def _cmd_ablate(args: argparse.Namespace) -> int:
     import os
 
@@ -185,6 +194,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         max_failures=args.max_failures,
         out_dir=args.out,
         reuse_actors=args.reuse_actors,
+        reference=_reference(args.reference),
     )
     value = f"final_{spec.metric}"
     print(
@@ -323,6 +333,14 @@ def main(argv: list[str] | None = None) -> int:
     p_ab.add_argument("--resume", action="store_true", help="continue the ablation --name")
     p_ab.add_argument(
         "--out", help="folder for tables and plots (default: <storage>/<name>/analysis)"
+    )
+    p_ab.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="FACTOR=VALUE",
+        help="the cell every other cell is compared with, paired by seed, one per factor, "
+        "e.g. --reference method.contrast_count=2 (default: the first cell)",
     )
     _add_ray_args(p_ab)
     p_ab.add_argument(
