@@ -6,11 +6,12 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-from contrastlab import tracking
+from contrastlab import evaluate, tracking
 from contrastlab.ablate import (
     AblationError,
     _cell_value,
@@ -18,12 +19,14 @@ from contrastlab.ablate import (
     find_ablations,
     format_summary,
     load_ablation,
+    mean_interval,
     plot_vs_factor,
     run_ablation,
     smoke_ablation,
     summarise,
 )
 from contrastlab.config import ConfigError
+from contrastlab.spaces import METRIC_RANGES, REPORTED_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = find_ablations(ROOT / "search_spaces" / "ablations")
@@ -173,6 +176,7 @@ def test_summary_is_mean_std_and_the_t_interval():
     table = pd.DataFrame(
         {
             "f": [1, 1, 1, 2, 2, 3],
+            "seed": [0, 1, 2, 0, 1, 0],
             "v": [70.0, 72.0, 77.0, 80.0, 80.0, 90.0],
             "status": ["FINISHED"] * 5 + ["FAILED"],
         }
@@ -189,6 +193,133 @@ def test_summary_is_mean_std_and_the_t_interval():
     assert s.iloc[1]["std"] == 0.0
     text = format_summary(s, ("f",), "v")
     assert "73.00 ± 3.61" in text and text.splitlines()[2].startswith("1 ")  # ints stay ints
+    # the paired difference of cell 2 against cell 1: seeds 0 and 1, differences 10 and 8
+    assert s["reference"].tolist() == [True, False]
+    row = s.iloc[1]
+    assert row["n_pairs"] == 2 and row["diff"] == pytest.approx(9.0)
+    half = 12.706204736174705 * math.sqrt(2) / math.sqrt(2)  # t(0.975, df=1) * sd / sqrt(n)
+    assert (row["diff_low"], row["diff_high"]) == pytest.approx((9 - half, 9 + half))
+    assert "+9.00 (n=2)" in text and "paired by seed" in text and "Student t-interval" in text
+
+
+def _beta(rng, mean: float, sd: float, size):
+    """Draws of 100 x Beta with the given mean and sd (in points): an accuracy near a bound."""
+    m, v = mean / 100, (sd / 100) ** 2
+    k = m * (1 - m) / v - 1
+    return 100 * rng.beta(m * k, (1 - m) * k, size=size)
+
+
+@pytest.mark.parametrize(
+    ("name", "bounds", "mean", "draw"),
+    [
+        ("normal", (None, None), 50.0, lambda r, size: r.normal(50.0, 5.0, size)),
+        ("accuracy 90% sd 2", (0.0, 100.0), 90.0, lambda r, size: _beta(r, 90.0, 2.0, size)),
+        ("accuracy 99% sd 0.7", (0.0, 100.0), 99.0, lambda r, size: _beta(r, 99.0, 0.7, size)),
+        ("gamma", (0.0, None), 2.0, lambda r, size: r.gamma(10.0, 0.2, size)),
+    ],
+)
+def test_the_interval_covers_the_true_mean_about_95_percent(name, bounds, mean, draw):
+    """2,000 simulated experiments of n=5 draws from a known distribution (seeded): the
+    interval covers the true mean in 90-99% of them. Measured: normal 94.2%, an accuracy at
+    90% 94.0%, at 99% (skewed against the ceiling) 91.2%, gamma(10) 94.6%. A t-interval's
+    known weak spot is strong skew: exponential draws give 88% (not tested as passing)."""
+    rng = np.random.default_rng(0)
+    x = draw(rng, (2000, 5))
+    low, high = mean_interval(x, bounds)
+    covered = float(((low <= mean) & (mean <= high)).mean())
+    assert 0.90 <= covered <= 0.99, f"{name}: {covered:.3f}"
+    if bounds[0] is not None:
+        assert (low >= bounds[0]).all()
+    if bounds[1] is not None:
+        assert (high <= bounds[1]).all()
+
+
+def test_why_not_a_percentile_bootstrap_with_few_seeds():
+    """The alternative not taken, measured: a percentile bootstrap over 5 seeds (10,000
+    resamples, seed 0) covers the mean of normal draws in 84% of 400 experiments (the
+    t-interval: 94%)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(50.0, 5.0, (400, 5))
+    idx = rng.integers(0, 5, (400, 10_000, 5))
+    boot = np.take_along_axis(x[:, None, :], idx, axis=2).mean(axis=2)
+    low, high = np.percentile(boot, [2.5, 97.5], axis=1)
+    covered = float(((low <= 50) & (high >= 50)).mean())
+    assert covered < 0.88
+    t_low, t_high = mean_interval(x)
+    assert float(((t_low <= 50) & (t_high >= 50)).mean()) > 0.92
+
+
+def test_bounded_metrics_keep_their_intervals_inside_the_range():
+    """Accuracies near 100 (and near 0) over 3 seeds: a plain t-interval would leave [0, 100]
+    (the shipped README plot drew a band above 100%); these never do."""
+    table = pd.DataFrame(
+        {
+            "f": [2, 2, 2, 4, 4, 4, 6, 6, 6],
+            "seed": [0, 1, 2] * 3,
+            "v": [99.9, 100.0, 97.0, 99.5, 66.8, 99.7, 0.2, 0.0, 3.0],
+            "status": ["FINISHED"] * 9,
+        }
+    )
+    s = summarise(table, ("f",), "v", bounds=(0.0, 100.0))
+    assert (s["ci95_low"] >= 0).all() and (s["ci95_high"] <= 100).all()
+    assert s["ci95_high"].iloc[0] == 100.0 and s["ci95_low"].iloc[2] == 0.0  # they were cut
+    assert ((s["ci95_low"] <= s["mean"]) & (s["mean"] <= s["ci95_high"])).all()
+    assert (s["diff_low"].iloc[1:] >= -100).all() and (s["diff_high"].iloc[1:] <= 100).all()
+    assert s["interval"].iloc[0].endswith("cut to the metric's range [0, 100]")
+    unbounded = summarise(table, ("f",), "v")
+    assert unbounded["ci95_high"].iloc[0] > 100  # what the cut removes
+    # every bound of a reported metric is stated, and matches the monitors' definitions
+    assert set(METRIC_RANGES) == set(REPORTED_METRICS)
+    assert METRIC_RANGES["alignment"] == (0.0, 2.0**evaluate.ALIGN_ALPHA)
+    assert METRIC_RANGES["uniformity"] == (-4 * evaluate.UNIFORM_T, 0.0)
+
+
+def test_the_paired_difference_recovers_a_known_difference():
+    """Cell 4 = cell 2 + 1.5 points ± 0.2, cell 6 = cell 2 ± 0.2, with a seed effect of sd 5
+    shared by the cells of a seed: the paired interval is the closed-form paired t-interval,
+    narrow around 1.5 (and around 0), while the cells' own intervals overlap widely."""
+    rng = np.random.default_rng(0)
+    a = 80 + rng.normal(0, 5.0, 8)  # the seed effect, shared by both cells of a seed
+    wiggle = np.array([0.2, -0.2] * 4)  # mean 0: the differences' mean is known exactly
+    b, c = a + 1.5 + wiggle, a - wiggle
+    table = pd.DataFrame(
+        {
+            "cc": [2] * 8 + [4] * 8 + [6] * 8,
+            "seed": list(range(8)) * 3,
+            "v": [*a, *b, *c],
+            "status": ["FINISHED"] * 24,
+        }
+    )
+    s = summarise(table, ("cc",), "v", bounds=(0.0, 100.0))
+    four, six = s.iloc[1], s.iloc[2]
+    half = 2.3646242510102993 * 0.2 * math.sqrt(8 / 7) / math.sqrt(8)  # t(0.975, 7) sd / sqrt n
+    assert four["diff"] == pytest.approx(1.5)
+    assert (four["diff_low"], four["diff_high"]) == pytest.approx((1.5 - half, 1.5 + half))
+    assert (six["diff"], six["diff_low"], six["diff_high"]) == pytest.approx((0, -half, half))
+    assert four["ci95_low"] < s.iloc[0]["mean"]  # the cells' own intervals overlap
+    text = format_summary(s, ("cc",), "v")
+    assert "against cc=2" in text and text.splitlines()[2].split()[-1] == "reference"
+    # another reference cell, and the seeds both cells finished are the pairs
+    s6 = summarise(table.drop(index=[16]), ("cc",), "v", reference={"cc": 6})
+    assert s6["reference"].tolist() == [False, False, True]
+    assert s6["n_pairs"].tolist() == [7, 7, 7]
+    assert s6.iloc[1]["diff"] == pytest.approx(np.mean((b - c)[1:]))
+    with pytest.raises(AblationError, match=r"reference: cc=3 is not a cell .*allowed: cc=2"):
+        summarise(table, ("cc",), "v", reference={"cc": 3})
+    with pytest.raises(AblationError, match=r"reference: must give every factor \(cc\)"):
+        summarise(table, ("cc",), "v", reference={"contrast_count": 4})
+
+
+def test_a_reference_that_is_no_cell_is_refused_before_anything_runs(tmp_path, capsys):
+    from contrastlab.cli import main
+
+    path = ROOT / "search_spaces" / "ablations" / "digits_supcon_contrast_count.yaml"
+    with pytest.raises(AblationError, match=r"method.contrast_count=5 is not a cell of .*2; "):
+        run_ablation(load_ablation(path), reference={"method.contrast_count": 5})
+    argv = ["ablate", "--spec", str(path), "--reference", "method.contrast_count=5"]
+    assert main([*argv, "--storage-path", str(tmp_path)]) == 2
+    assert "allowed: method.contrast_count=2; method.contrast_count=3" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing ran
 
 
 @pytest.mark.slow
@@ -226,6 +357,12 @@ def test_smoke_ablation_runs_every_cell_and_logs_tables_and_plots(tmp_path, ray_
     for _, row in summary.iterrows():
         cell = table[table["train.batch_size"] == row["train.batch_size"]]
         assert row["mean"] == pytest.approx(cell["final_knn_top1"].mean())
+        assert 0 <= row["ci95_low"] <= row["ci95_high"] <= 100  # kNN accuracy's range
+    assert summary["reference"].tolist() == [True, False] and summary["n_pairs"].tolist() == [2, 2]
+    by_seed = table.pivot(index="seed", columns="train.batch_size", values="final_knn_top1")
+    assert summary["diff"].iloc[1] == pytest.approx((by_seed[128] - by_seed[64]).mean())
+    md = out.files["summary_md"].read_text()
+    assert "cut to the metric's range [0, 100]" in md and "against train.batch_size=64" in md
     logged = {a.path for a in c.list_artifacts(out.parent_run_id, "analysis")}
     for f in out.files.values():
         assert f"analysis/{f.name}" in logged
@@ -256,6 +393,7 @@ def test_a_tuple_field_can_be_a_factor(tmp_path):
         {
             "augment.recipe": ["simclr", "simclr", "digits", "digits"] * 2,
             "augment.crop_scale": [cells[0], cells[1]] * 4,
+            "seed": [0, 0, 0, 0, 1, 1, 1, 1],
             "v": [70.0, 72.0, 77.0, 80.0, 71.0, 73.0, 78.0, 81.0],
             "status": ["FINISHED"] * 8,
         }

@@ -11,8 +11,8 @@ import yaml
 from contrastlab import tracking
 from contrastlab.cli import main
 from contrastlab.config import ConfigError, make_config
-from contrastlab.report import sweep_report
-from contrastlab.reproduce import reproduce
+from contrastlab.report import best_trial, sweep_report
+from contrastlab.reproduce import best_run, reproduce
 from contrastlab.spaces import load_space
 from contrastlab.tune import run_sweep, smoke_space
 
@@ -55,6 +55,27 @@ def test_report_has_leaderboard_best_config_and_optuna_plots(sweep):
     assert "<table>" in rep.files["html"].read_text()
     on_parent = {a.path for a in c.list_artifacts(out.parent_run_id, "report")}
     assert {f"report/{f.name}" for f in rep.files.values()} <= on_parent
+    # `reproduce --best-of` takes the sweep's name too, and picks the run the report names
+    assert best_run(uri, "rep") == rep.best["run_id"] == best_run(uri, "exp-rep")
+    c.create_experiment("rep")  # an experiment with the sweep's name: the sweep name wins
+    assert best_run(uri, "rep") == rep.best["run_id"]
+
+
+def test_best_trial_is_the_best_finished_one_earliest_first():
+    def t(run_id, status, value):
+        return {"run_id": run_id, "status": status, "value": value}
+
+    trials = [
+        t("a", "FINISHED", 80.0),
+        t("b", "KILLED", 99.0),  # stopped early by ASHA: its value is from an earlier epoch
+        t("c", "FAILED", None),
+        t("d", "FINISHED", float("nan")),
+        t("e", "FINISHED", 90.0),
+        t("f", "FINISHED", 90.0),
+    ]
+    assert best_trial(trials, "max")["run_id"] == "e"  # a tie: the earlier trial
+    assert best_trial(trials, "min")["run_id"] == "a"
+    assert best_trial(trials[1:4], "max") is None
 
 
 def test_report_of_an_unknown_sweep_names_it(sweep):
@@ -64,9 +85,9 @@ def test_report_of_an_unknown_sweep_names_it(sweep):
     assert main(["report", "nope", "--tracking-uri", uri]) == 2
 
 
-def test_reproduce_best_of_experiment_is_bit_identical_and_linked(sweep):
+def test_reproduce_best_of_a_sweep_is_bit_identical_and_linked(sweep):
     uri, out, _, tmp = sweep
-    rep = reproduce(best_of="exp-rep", tracking_uri=uri, output_dir=tmp / "repro")
+    rep = reproduce(best_of="rep", tracking_uri=uri, output_dir=tmp / "repro")
     assert rep.original_run_id == out.best["run_id"]
     assert rep.ok and rep.exact, rep.text
     epochs = {r["epoch"] for r in rep.rows if r["metric"] == "knn_top1"}
@@ -127,8 +148,13 @@ def test_reproduce_of_a_run_without_config_is_a_clear_error(sweep):
     rid = c.create_run(c.get_experiment_by_name("exp-rep").experiment_id).info.run_id
     with pytest.raises(ConfigError, match="no config.yaml artifact"):
         reproduce(run_id=rid, tracking_uri=uri, log_to_mlflow=False)
-    with pytest.raises(ConfigError, match="no MLflow experiment named 'missing'"):
+    with pytest.raises(ConfigError, match="--best-of 'missing': no sweep .* and no MLflow exp"):
         reproduce(best_of="missing", tracking_uri=uri)
+    assert main(["reproduce", "--best-of", "missing", "--tracking-uri", uri]) == 2
+    exp = c.get_experiment_by_name("exp-rep").experiment_id
+    c.create_run(exp, tags={tracking.SWEEP_TAG: "abl", tracking.KIND_TAG: "ablation"})
+    with pytest.raises(ConfigError, match="--best-of 'abl' is an ablation"):
+        best_run(uri, "abl")
 
 
 def test_mlflow_ui_compare_page_shows_the_trials_and_their_metrics(sweep):

@@ -1,5 +1,6 @@
 """The local trainer: it learns, checkpoints, resumes exactly, and runs the GPU paths on CPU."""
 
+import importlib.metadata
 import json
 import math
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from contrastlab import tracking
 from contrastlab.config import make_config
@@ -447,3 +449,101 @@ def test_the_tune_hook_tags_the_trials_mlflow_run_with_the_diagnosis(tmp_path):
     assert got.data.tags[DIAGNOSIS_TAG] == "\n".join(d["message"] for d in summary["diagnosis"])
     assert got.data.tags[DIAGNOSIS_TAG].startswith("collapse: the features")
     assert got.data.metrics["rankme"] < 2 and "nuisance_r2" in got.data.metrics
+
+
+def _hand_run_runs(uri, experiment):
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    return c, (c.search_runs([exp.experiment_id]) if exp is not None else [])
+
+
+def test_cli_train_with_tracking_uri_logs_the_run_like_a_trial(tmp_path):
+    """`contrastlab train --tracking-uri`: one parentless run tagged kind=train, with the
+    params, every epoch's metrics (0 = random init), config, provenance, checkpoint, FINISHED."""
+    from contrastlab.cli import main
+
+    cfg = tiny_config("simclr", train={"epochs": 2})
+    (tmp_path / "tiny.yaml").write_text(cfg.to_yaml())
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_dir = tmp_path / "tracked"
+    argv = ["train", str(tmp_path / "tiny.yaml"), "--run-dir", str(run_dir)]
+    assert main([*argv, "--tracking-uri", uri]) == 0
+
+    c, runs = _hand_run_runs(uri, "contrastlab-train-simclr")  # the documented default
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
+    tags = run.data.tags
+    assert tags[tracking.KIND_TAG] == "train" and tracking.PARENT_TAG not in tags
+    assert tags["contrastlab.method"] == "simclr" and tags[tracking.THREADS_TAG]
+    assert tags["version.torch"] == importlib.metadata.version("torch")
+    assert tags["contrastlab.git_sha"] and tags["contrastlab.run_dir"] == str(run_dir)
+    assert tags["contrastlab.source_sha256"] == tracking.source_digest()
+    expected = {
+        k: json.dumps(v) if isinstance(v, list | dict) else str(v)
+        for k, v in cfg.tracked_params().items()
+    }
+    assert run.data.params == expected
+    local = [json.loads(line) for line in (tmp_path / "tracked" / "metrics.jsonl").open()]
+    knn = c.get_metric_history(run.info.run_id, "knn_top1")
+    assert [(m.step, m.value) for m in knn] == [(r["epoch"], r["knn_top1"]) for r in local]
+    assert [m.step for m in knn] == [0, 1, 2]
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    arts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "provenance.json", "checkpoint"} <= arts
+    assert [a.path for a in c.list_artifacts(run.info.run_id, "checkpoint")] == [
+        "checkpoint/epoch_0002.pt"
+    ]
+    logged = c.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    assert make_config(yaml.safe_load(Path(logged).read_text())) == cfg  # the resolved config
+    link = json.loads((tmp_path / "tracked" / tracking.TRAIN_RUN_FILE).read_text())
+    assert link["run_id"] == run.info.run_id and link["tracking_uri"] == uri
+
+
+def test_a_tracked_hand_run_that_raises_ends_failed_with_the_reason(tmp_path, monkeypatch):
+    from contrastlab.cli import main
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = tiny_config("simclr", train={"batch_size": 16, "log_every": 4, "max_loss": 0.5})
+    (tmp_path / "tiny.yaml").write_text(cfg.to_yaml())
+    argv = ["train", str(tmp_path / "tiny.yaml"), "--run-dir", str(tmp_path / "run")]
+    # off unless asked: a tracking store in the environment does not turn it on
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/env.db")
+    assert main(argv) == 1
+    assert not (tmp_path / "env.db").exists()
+    assert main([*argv, "--tracking-uri", uri, "--experiment", "mine"]) == 1  # DivergenceError
+    c, runs = _hand_run_runs(uri, "mine")
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    reason = runs[0].data.tags["contrastlab.end_reason"]
+    assert reason.startswith("DivergenceError: loss is") and "train.max_loss=0.5" in reason
+    # --experiment alone would silently log nothing: it is refused
+    assert main([*argv, "--experiment", "mine"]) == 2
+
+
+def test_a_resumed_hand_run_continues_its_mlflow_run(tmp_path):
+    """Stopped after epoch 1, `train --resume RUN_DIR --tracking-uri` continues the same MLflow
+    run: every epoch logged once, FINISHED."""
+    from contrastlab.cli import main
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = tiny_config("simclr", train={"epochs": 2})
+    run_dir = tmp_path / "run"
+
+    class StopError(Exception):
+        pass
+
+    def stop(epoch, metrics, ckpt):
+        if epoch == 1:
+            raise StopError("interrupted")
+
+    run = tracking.open_train_run(uri, None, cfg, run_dir)
+    with pytest.raises(StopError), tracking.failed_on_error(run):
+        train(cfg, run_dir=run_dir, hooks=[tracking.epoch_logger(run, 2, run_dir), stop])
+    c = tracking.client(uri)
+    assert c.get_run(run.run_id).info.status == "FAILED"
+    assert main(["train", "--resume", str(run_dir), "--tracking-uri", uri]) == 0
+    _, runs = _hand_run_runs(uri, "contrastlab-train-simclr")
+    assert [r.info.run_id for r in runs] == [run.run_id]
+    assert runs[0].info.status == "FINISHED"
+    assert [m.step for m in c.get_metric_history(run.run_id, "knn_top1")] == [0, 1, 2]
+    assert [m.step for m in c.get_metric_history(run.run_id, "loss")] == [1, 2]

@@ -17,9 +17,10 @@ An ablation spec is a YAML file (``search_spaces/ablations/*.yaml``)::
 
 Every cell x seed is one trial (a Tune grid: no search, no early stopping), tracked in MLflow
 like any sweep trial under one parent run. :func:`analyse` then reads the child runs back from
-MLflow and writes a tidy table (one row per run, Parquet), a summary (mean, std, 95% CI per
-cell), and plots (metric vs factor with CI bands; per-epoch curves per cell), all logged as
-artifacts on the parent run.
+MLflow and writes a tidy table (one row per run, Parquet), a summary (per cell: mean, std, a
+95% t-interval of the mean cut to the metric's range, and the seed-paired difference from a
+reference cell with its interval), and plots (metric vs factor with interval bands; per-epoch
+curves per cell), all logged as artifacts on the parent run.
 
 A factor that is a tuple field takes lists: ``augment.crop_scale: [[0.08, 1.0], [0.3, 1.0]]``.
 
@@ -46,6 +47,7 @@ import yaml
 from contrastlab.config import Config, ConfigError
 from contrastlab.spaces import (
     _MAX_SEED,
+    METRIC_RANGES,
     Resources,
     SpaceError,
     _as_list,
@@ -517,12 +519,17 @@ def run_ablation(
     ray_address: str | None = None,
     out_dir: str | Path | None = None,
     reuse_actors: bool = False,
+    reference: Mapping[str, Any] | None = None,
 ) -> AblationOutcome:
     """Run every cell x seed on Ray Tune (a grid, no early stopping), then :func:`analyse`.
 
     Args mirror :func:`contrastlab.tune.run_sweep`; ``out_dir`` (default
-    ``<storage_path>/<name>/analysis``) receives the tables and plots.
+    ``<storage_path>/<name>/analysis``) receives the tables and plots; ``reference`` is the
+    cell the others are compared with (see :func:`summarise`), checked before anything runs.
     """
+    if reference is not None:  # a typo must not cost a whole ablation before it shows
+        cells = [_cells_as_table(c) for c in spec.cells]
+        _reference_cell(cells, spec.factor_paths, reference, f"a cell of {spec.path}")
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
@@ -563,7 +570,12 @@ def run_ablation(
     finish_sweep(settings, results, started)
     out = Path(out_dir) if out_dir else Path(settings.storage_path) / settings.name / "analysis"
     analysis = analyse(
-        settings.tracking_uri, settings.parent_run_id, out, spec=spec, log_to_mlflow=True
+        settings.tracking_uri,
+        settings.parent_run_id,
+        out,
+        spec=spec,
+        log_to_mlflow=True,
+        reference=reference,
     )
     analysis.wall_s = time.perf_counter() - started
     analysis.name = settings.name
@@ -619,53 +631,247 @@ def results_table(uri: str, parent_id: str, factors: tuple[str, ...], metric: st
     return table, curves
 
 
+def _cells_as_table(cell: Mapping[str, Any]) -> dict[str, Any]:
+    """A spec cell's values as the results table holds them (tuple fields as tuples)."""
+    return {k: _cell_value(v) for k, v in cell.items()}
+
+
 def _cell_value(value: Any) -> Any:
     """A factor value as a table cell: a tuple field's list (as MLflow gives it back) becomes a
     tuple, so that cells can be grouped, sorted and compared."""
     return tuple(_cell_value(v) for v in value) if isinstance(value, list) else value
 
 
-def summarise(table, factors: tuple[str, ...], value: str):
-    """Mean, std (ddof 1), n and the 95% t-interval of ``value`` per cell (finished runs)."""
-    import pandas as pd
+CONFIDENCE = 0.95
+"""Level of every interval in an ablation's summary (the ``ci95_*`` columns)."""
+
+Bounds = tuple[float | None, float | None]
+"""``(low, high)`` a metric can take, None for an open side (see ``spaces.METRIC_RANGES``)."""
+
+
+def _cut(v, bounds: Bounds):
+    """``v`` clipped to ``bounds`` (NaN stays NaN)."""
+    import numpy as np
+
+    lo, hi = bounds
+    if lo is not None:
+        v = np.where(v < lo, lo, v)
+    if hi is not None:
+        v = np.where(v > hi, hi, v)
+    return v
+
+
+def mean_interval(x, bounds: Bounds = (None, None), confidence: float = CONFIDENCE):
+    """Student t-interval for the mean of the draws on the last axis of ``x``, cut to ``bounds``.
+
+    ``mean ± t(1/2 + confidence/2, n - 1) * sd / sqrt(n)``, then intersected with the metric's
+    range: the true mean lies inside the range, so the cut removes only values it cannot take,
+    and the coverage stays the t-interval's (exact for normal draws; 91-95% for simulated
+    accuracies at 90% and 99% with 5 seeds, see tests/test_ablate.py). Why not a bootstrap:
+    with 3-5 seeds a percentile bootstrap covers the mean in only ~75-85% of experiments (its
+    resampled means cannot leave the observed spread; 84% measured in the tests). Why not a
+    t-interval on the logit: it is an interval for the back-transformed mean logit, not the
+    mean, and covers the mean less as seeds grow (89% with 10 draws of a 99% accuracy in a
+    simulation of 4,000 experiments, against 93% for this one).
+
+    Args:
+        x: [..., n] draws (seeds), without NaN.
+        bounds: the metric's ``(low, high)``.
+        confidence: the interval's level.
+
+    Returns:
+        ``(low, high)``, arrays of shape ``x.shape[:-1]``; NaN where n < 2.
+    """
+    import numpy as np
     from scipy import stats
 
+    x = np.asarray(x, dtype=float)
+    n = x.shape[-1]
+    if n < 2:
+        nan = np.full(x.shape[:-1], np.nan)
+        return nan, nan.copy()
+    mean = x.mean(axis=-1)
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * x.std(axis=-1, ddof=1) / math.sqrt(n)
+    return _cut(mean - half, bounds), _cut(mean + half, bounds)
+
+
+def difference_bounds(bounds: Bounds) -> Bounds:
+    """The range of a difference of two values in ``bounds``: ``±(high - low)``."""
+    lo, hi = bounds
+    if lo is None or hi is None:
+        return (None, None)
+    return (lo - hi, hi - lo)
+
+
+def paired_difference(x, ref, bounds: Bounds = (None, None), confidence: float = CONFIDENCE):
+    """Mean and interval of ``x - ref`` (paired draws on the last axis: the same seed).
+
+    A paired t-interval (:func:`mean_interval` of the per-seed differences, cut to
+    :func:`difference_bounds`): seed-to-seed variation shared by both cells (the same
+    initialisation, data order and augmentation draws) cancels.
+
+    Returns:
+        ``(mean, low, high)`` of the difference, arrays of shape ``x.shape[:-1]``.
+    """
+    import numpy as np
+
+    d = np.asarray(x, dtype=float) - np.asarray(ref, dtype=float)
+    low, high = mean_interval(d, difference_bounds(bounds), confidence)
+    mean = d.mean(axis=-1) if d.shape[-1] else np.full(d.shape[:-1], np.nan)
+    return mean, low, high
+
+
+def _range_text(bounds: Bounds) -> str:
+    lo, hi = bounds
+    return f"[{'-inf' if lo is None else f'{lo:g}'}, {'inf' if hi is None else f'{hi:g}'}]"
+
+
+def interval_text(bounds: Bounds, confidence: float = CONFIDENCE) -> str:
+    """How the summary's intervals are computed, in words (tables, markdown, plots)."""
+    cut = "" if bounds == (None, None) else f", cut to the metric's range {_range_text(bounds)}"
+    return f"{confidence:.0%} Student t-interval of the mean over seeds{cut}"
+
+
+def _cell_label(factors: tuple[str, ...], cell: Mapping[str, Any]) -> str:
+    return ", ".join(f"{f}={cell[f]}" for f in factors)
+
+
+def _reference_cell(
+    cells: list[dict[str, Any]],
+    factors: tuple[str, ...],
+    reference: Mapping[str, Any] | None,
+    what: str = "a cell with a finished run",
+) -> int:
+    """Index in ``cells`` of the reference cell (default: the first)."""
+    if reference is None:
+        return 0
+    missing = [f for f in factors if f not in reference]
+    extra = [k for k in reference if k not in factors]
+    if missing or extra:
+        raise AblationError(
+            f"reference: must give every factor ({', '.join(factors)}) and nothing else; "
+            f"missing {missing}, unexpected {extra}"
+        )
+    want = {f: _cell_value(reference[f]) for f in factors}
+    for i, cell in enumerate(cells):
+        if all(cell[f] == want[f] for f in factors):
+            return i
+    raise AblationError(
+        f"reference: {_cell_label(factors, want)} is not {what}; allowed: "
+        + "; ".join(_cell_label(factors, c) for c in cells)
+    )
+
+
+def summarise(
+    table,
+    factors: tuple[str, ...],
+    value: str,
+    bounds: Bounds = (None, None),
+    reference: Mapping[str, Any] | None = None,
+):
+    """Per cell (finished runs): n, mean, std (ddof 1) and the interval of the mean of
+    ``value`` (:func:`mean_interval`), and the paired difference against a reference cell
+    (:func:`paired_difference` over the seeds both cells finished).
+
+    Args:
+        table: one row per run (:func:`results_table`).
+        factors: the factor columns.
+        value: the column summarised, e.g. ``final_knn_top1``.
+        bounds: the metric's range (``spaces.METRIC_RANGES``); no interval leaves it.
+        reference: ``{factor: value}`` of the cell the others are compared with; default the
+            first cell.
+
+    Returns:
+        A DataFrame: the factors, ``n``, ``mean``, ``std``, ``ci95_low``, ``ci95_high``,
+        ``interval`` (the method, in words), ``reference`` (True on the reference cell),
+        ``n_pairs``, ``diff``, ``diff_low``, ``diff_high`` and ``diff_interval`` (the method).
+    """
+    import pandas as pd
+
     done = table[table["status"] == "FINISHED"]
-    rows = []
+    cells, per_seed = [], []
     for cell, g in done.groupby(list(factors), sort=False, dropna=False):
         cell = cell if isinstance(cell, tuple) else (cell,)
-        x = g[value].dropna().to_numpy(dtype=float)
-        n = len(x)
-        mean = float(x.mean()) if n else math.nan
-        std = float(x.std(ddof=1)) if n > 1 else math.nan
-        half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
+        cells.append(dict(zip(factors, cell, strict=True)))
+        # a cell x seed is one run; should one be listed twice, its values are averaged
+        per_seed.append(g.groupby("seed")[value].mean().dropna())
+    if not cells:
+        return pd.DataFrame(columns=[*factors, "n", "mean", "std", "ci95_low", "ci95_high"])
+    ref = _reference_cell(cells, factors, reference)
+    ref_label = _cell_label(factors, cells[ref])
+    diff_text = (
+        f"mean of per-seed differences against {ref_label} (runs paired by seed), "
+        f"{CONFIDENCE:.0%} paired Student t-interval"
+        + ("" if bounds == (None, None) else f", cut to {_range_text(difference_bounds(bounds))}")
+    )
+    rows = []
+    for i, (cell, x) in enumerate(zip(cells, per_seed, strict=True)):
+        v = x.to_numpy(dtype=float)
+        n = len(v)
+        low, high = mean_interval(v, bounds)
+        seeds = x.index.intersection(per_seed[ref].index)
+        pairs = x[seeds].to_numpy(dtype=float), per_seed[ref][seeds].to_numpy(dtype=float)
+        d, d_low, d_high = (
+            paired_difference(*pairs, bounds) if i != ref else (math.nan, math.nan, math.nan)
+        )
         rows.append(
             {
-                **dict(zip(factors, cell, strict=True)),
+                **cell,
                 "n": n,
-                "mean": mean,
-                "std": std,
-                "ci95_low": mean - half,
-                "ci95_high": mean + half,
+                "mean": float(v.mean()) if n else math.nan,
+                "std": float(v.std(ddof=1)) if n > 1 else math.nan,
+                "ci95_low": float(low),
+                "ci95_high": float(high),
+                "interval": interval_text(bounds),
+                "reference": i == ref,
+                "n_pairs": len(seeds),
+                "diff": float(d),
+                "diff_low": float(d_low),
+                "diff_high": float(d_high),
+                "diff_interval": diff_text,
             }
         )
     return pd.DataFrame(rows)
 
 
+def _signed(v: float) -> str:
+    return f"{v:+.2f}"
+
+
 def format_summary(summary, factors: tuple[str, ...], value: str) -> str:
-    """The summary as an aligned text table for the terminal."""
-    head = [*factors, "n", value, "95% CI"]
+    """The summary as an aligned text table for the terminal, with how its intervals and
+    differences were computed underneath."""
+    head = [*factors, "n", value, "95% CI", "diff vs ref", "95% CI (paired)"]
     lines = []
-    for r in summary.to_dict("records"):  # iterrows would turn int factors into floats
+    records = summary.to_dict("records")  # iterrows would turn int factors into floats
+    for r in records:
         ci = "-" if math.isnan(r["ci95_low"]) else f"[{r['ci95_low']:.2f}, {r['ci95_high']:.2f}]"
         sd = "" if math.isnan(r["std"]) else f" ± {r['std']:.2f}"
-        lines.append([*(str(r[f]) for f in factors), str(int(r["n"])), f"{r['mean']:.2f}{sd}", ci])
-    widths = [max(len(h), *(len(ln[i]) for ln in lines)) for i, h in enumerate(head)]
+        if r.get("reference"):
+            diff, dci = "reference", ""
+        elif "diff" not in r or math.isnan(r["diff"]):
+            diff, dci = f"- (n={r.get('n_pairs', 0)} pairs)", ""
+        else:
+            diff = f"{_signed(r['diff'])} (n={r['n_pairs']})"
+            dci = (
+                "-"
+                if math.isnan(r["diff_low"])
+                else f"[{_signed(r['diff_low'])}, {_signed(r['diff_high'])}]"
+            )
+        lines.append(
+            [*(str(r[f]) for f in factors), str(int(r["n"])), f"{r['mean']:.2f}{sd}", ci, diff, dci]
+        )
+    widths = [max(len(h), *(len(ln[i]) for ln in lines), 0) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join(
-        [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-        + [fmt.format(*ln) for ln in lines]
-    )
+    out = [fmt.format(*head).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
+    out += [fmt.format(*ln).rstrip() for ln in lines]
+    if records and "interval" in records[0]:
+        out += [
+            "",
+            f"intervals: {records[0]['interval']}.",
+            f"diff vs ref: {records[0]['diff_interval']}.",
+        ]
+    return "\n".join(out)
 
 
 def plot_vs_factor(summary, table, factors: tuple[str, ...], value: str, title: str, path: Path):
@@ -720,7 +926,10 @@ def plot_vs_factor(summary, table, factors: tuple[str, ...], value: str, title: 
     ax.grid(alpha=0.3)
     if len(levels) > 1:
         ax.legend()
-    fig.tight_layout()
+    if "interval" in summary and len(summary):
+        # the band's method, under the axes: a reader of the picture alone sees how it was made
+        fig.text(0.01, 0.01, f"band: {summary['interval'].iloc[0]}", fontsize=7, alpha=0.8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
@@ -765,12 +974,16 @@ def analyse(
     out_dir: str | Path,
     spec: AblationSpec | None = None,
     log_to_mlflow: bool = True,
+    reference: Mapping[str, Any] | None = None,
 ) -> AblationOutcome:
     """Tables and plots of a finished (or partly finished) ablation, from MLflow.
 
     Writes ``results.parquet`` (tidy, one row per run), ``summary.parquet`` and ``summary.md``
-    (per cell), ``<metric>_vs_<factor>.png`` and ``curves.png`` into ``out_dir`` and, with
-    ``log_to_mlflow``, onto the parent run under ``analysis/``.
+    (per cell, see :func:`summarise`; intervals never leave the metric's range
+    ``spaces.METRIC_RANGES``), ``<metric>_vs_<factor>.png`` and ``curves.png`` into
+    ``out_dir`` and, with ``log_to_mlflow``, onto the parent run under ``analysis/``.
+    ``reference`` (``{factor: value}``, default the first cell) is the cell every other one is
+    compared with, paired by seed.
     """
     from contrastlab import tracking
 
@@ -786,7 +999,9 @@ def analyse(
     if table.empty:
         raise AblationError(f"ablation {name!r} (run {parent_id}) has no runs in MLflow yet")
     value = f"final_{metric}"
-    summary = summarise(table, factors, value)
+    summary = summarise(
+        table, factors, value, METRIC_RANGES.get(metric, (None, None)), reference=reference
+    )
     files = {
         "results": out / "results.parquet",
         "summary": out / "summary.parquet",
@@ -800,7 +1015,10 @@ def analyse(
     n_failed = int((table["status"] == "FAILED").sum())
     files["summary_md"].write_text(
         f"# Ablation {name}\n\n{len(table)} runs ({n_failed} failed); {value} per cell, "
-        "mean ± std over seeds, 95% t-interval.\n\n```\n" + text + "\n```\n"
+        "mean ± std over finished seeds, with a 95% interval of the mean, and the difference "
+        "from a reference cell paired by seed (does the factor matter?).\n\n```\n"
+        + text
+        + "\n```\n"
     )
     title = f"{name}: {metric} vs {factors[0]}"
     plot_vs_factor(summary, table, factors, value, title, files["vs_factor"])
@@ -822,13 +1040,18 @@ def find_ablations(root: str | Path) -> list[Path]:
 
 
 __all__ = [
+    "CONFIDENCE",
     "AblationError",
     "AblationOutcome",
     "AblationSpec",
     "analyse",
     "ablation_from_dict",
     "find_ablations",
+    "interval_text",
     "load_ablation",
+    "mean_interval",
+    "paired_difference",
     "run_ablation",
     "smoke_ablation",
+    "summarise",
 ]

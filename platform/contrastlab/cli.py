@@ -1,12 +1,13 @@
 """The ``contrastlab`` command line.
 
 contrastlab train [CONFIG.yaml] [--set key=value ...]   train locally (no Ray)
+contrastlab train ... --tracking-uri URI                 ... and log the run to MLflow
 contrastlab train --resume RUN_DIR                      continue an interrupted run
 contrastlab config [CONFIG.yaml] [--set key=value ...]  print the resolved config
 contrastlab sweep --space SPACE.yaml [--smoke-test]     Ray Tune + Optuna sweep, in MLflow
 contrastlab ablate --spec SPEC.yaml [--smoke-test]      grid of cells x seeds, tables + plots
 contrastlab report SWEEP                                leaderboard, Optuna plots, summary
-contrastlab reproduce --run-id ID | --best-of EXP       re-run a tracked trial locally
+contrastlab reproduce --run-id ID | --best-of NAME      re-run a tracked trial locally
 contrastlab bench [--methods ...]                       training-step benchmark
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from contrastlab.config import ConfigError, load_config
 
@@ -32,7 +34,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from contrastlab.train import load_run_config, train
+    from contrastlab import tracking
+    from contrastlab.train import latest_checkpoint, load_run_config, make_run_dir, train
 
     if args.resume:
         if args.config or args.overrides:
@@ -41,10 +44,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 "do not pass a config file or --set with it"
             )
         cfg = load_run_config(args.resume)
-        result = train(cfg, run_dir=args.resume, resume=True)
+        run_dir = args.resume
     else:
         cfg = load_config(args.config, args.overrides)
-        result = train(cfg, run_dir=args.run_dir)
+        run_dir = args.run_dir or make_run_dir(cfg)
+    if args.experiment and not args.tracking_uri:
+        raise ConfigError(
+            "--experiment names the MLflow experiment of --tracking-uri; pass --tracking-uri "
+            "too (e.g. --tracking-uri sqlite:///mlflow.db)"
+        )
+    run = None
+    if args.tracking_uri:  # off unless asked: a hand run reaches MLflow only with the flag
+        run = tracking.open_train_run(
+            args.tracking_uri, args.experiment, cfg, run_dir, resume=bool(args.resume)
+        )
+        print(f"contrastlab: logging to MLflow run {run.run_id} ({run.uri})", file=sys.stderr)
+    hooks = [tracking.epoch_logger(run, cfg.train.epochs, Path(run_dir))] if run else []
+    try:
+        with tracking.failed_on_error(run):
+            result = train(cfg, run_dir=run_dir, resume=bool(args.resume), hooks=hooks)
+    except KeyboardInterrupt:
+        if run is not None:
+            run.end("KILLED", reason="KeyboardInterrupt: stopped by the user")
+        raise
+    if run is not None and not run.ended:
+        # a resumed run that had already trained every epoch: no epoch hook ran to close it
+        tracking.close_run(run, latest_checkpoint(Path(run_dir)))
     print(json.dumps({"run_dir": str(result.run_dir), **result.final}, indent=2))
     return 0
 
@@ -134,6 +159,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference(texts: list[str]) -> dict[str, object] | None:
+    """``--reference FACTOR=VALUE ...`` as ``{factor: value}`` (None: the first cell)."""
+    from contrastlab.config import parse_override
+
+    if not texts:
+        return None
+    return {".".join(path): value for path, value in map(parse_override, texts)}
+
+
 def _cmd_ablate(args: argparse.Namespace) -> int:
     import os
 
@@ -160,6 +194,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         max_failures=args.max_failures,
         out_dir=args.out,
         reuse_actors=args.reuse_actors,
+        reference=_reference(args.reference),
     )
     value = f"final_{spec.metric}"
     print(
@@ -266,6 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(p_train)
     p_train.add_argument("--run-dir", help="run directory (default: train.output_dir/<time>)")
     p_train.add_argument("--resume", metavar="RUN_DIR", help="resume from RUN_DIR's checkpoint")
+    p_train.add_argument(
+        "--tracking-uri",
+        help="also log the run to this MLflow store, like a sweep trial (params, metrics per "
+        "epoch, config, provenance, checkpoint, end state); off without it. With --resume: "
+        "continues the run's MLflow run",
+    )
+    p_train.add_argument(
+        "--experiment",
+        help="MLflow experiment for --tracking-uri (default contrastlab-train-<method>; "
+        "contrastlab-<space> puts the run beside that sweep's trials)",
+    )
     p_train.set_defaults(func=_cmd_train)
     p_cfg = sub.add_parser("config", help="print the resolved config")
     _add_config_args(p_cfg)
@@ -289,6 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     p_ab.add_argument(
         "--out", help="folder for tables and plots (default: <storage>/<name>/analysis)"
     )
+    p_ab.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="FACTOR=VALUE",
+        help="the cell every other cell is compared with, paired by seed, one per factor, "
+        "e.g. --reference method.contrast_count=2 (default: the first cell)",
+    )
     _add_ray_args(p_ab)
     p_ab.add_argument(
         "--smoke-test", action="store_true", help="tiny CPU ablation on digits (what CI runs)"
@@ -303,7 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     p_pr = sub.add_parser("reproduce", help="re-run a tracked trial locally and compare")
     which = p_pr.add_mutually_exclusive_group(required=True)
     which.add_argument("--run-id", help="MLflow run id of the trial")
-    which.add_argument("--best-of", metavar="EXPERIMENT", help="best finished trial of EXPERIMENT")
+    which.add_argument(
+        "--best-of",
+        metavar="NAME",
+        help="best finished trial of sweep NAME (as `contrastlab report NAME` names it), else "
+        "of MLflow experiment NAME",
+    )
     p_pr.add_argument("--tracking-uri", help="MLflow URI (default as for sweep)")
     p_pr.add_argument(
         "--workers", type=int, help="local DDP processes (GPUs if any); default: the trial's"

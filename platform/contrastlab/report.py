@@ -39,8 +39,9 @@ class SweepReport:
     text: str = ""
 
 
-def find_sweep(uri: str, sweep: str, experiment: str | None = None) -> tuple[str, str]:
-    """``(experiment_id, parent_run_id)`` of sweep ``sweep``; ConfigError if absent."""
+def locate_sweep(uri: str, sweep: str, experiment: str | None = None) -> tuple[str, str] | None:
+    """``(experiment_id, parent_run_id)`` of sweep ``sweep`` (searched in ``experiment``, else
+    in every experiment), or None."""
     c = tracking.client(uri)
     if experiment is not None:
         exp = c.get_experiment_by_name(experiment)
@@ -53,6 +54,14 @@ def find_sweep(uri: str, sweep: str, experiment: str | None = None) -> tuple[str
         parent = tracking.find_parent(uri, exp.experiment_id, sweep)
         if parent is not None:
             return exp.experiment_id, parent
+    return None
+
+
+def find_sweep(uri: str, sweep: str, experiment: str | None = None) -> tuple[str, str]:
+    """``(experiment_id, parent_run_id)`` of sweep ``sweep``; ConfigError if absent."""
+    found = locate_sweep(uri, sweep, experiment)
+    if found is not None:
+        return found
     raise ConfigError(
         f"no sweep named {sweep!r} in {uri}"
         + (f" (experiment {experiment!r})" if experiment else "")
@@ -127,7 +136,9 @@ def rebuild_study(trials: list[dict[str, Any]], space: SearchSpace):
     return study
 
 
-def _trials(uri: str, exp_id: str, parent_id: str, metric: str) -> list[dict[str, Any]]:
+def sweep_trials(uri: str, exp_id: str, parent_id: str, metric: str) -> list[dict[str, Any]]:
+    """The sweep's trials in start order: run id, name, status, epochs, ``value`` (``metric`` at
+    its last trained epoch), the curve of ``metric`` by epoch, params and end reason."""
     c = tracking.client(uri)
     out = []
     for r in tracking.child_runs(uri, exp_id, parent_id):
@@ -147,6 +158,32 @@ def _trials(uri: str, exp_id: str, parent_id: str, metric: str) -> list[dict[str
             }
         )
     return sorted(out, key=lambda t: t["start"])
+
+
+def best_trial(trials: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
+    """The best trial of a sweep (see :func:`sweep_trials`): among the FINISHED trials with a
+    finite value, the highest (``mode`` max) or lowest; the earliest started wins a tie. A
+    trial stopped early by ASHA is left out: its value is from an earlier epoch, not comparable
+    with final values. None when no trial finished."""
+    finished = [
+        t
+        for t in trials
+        if t["status"] == "FINISHED" and t["value"] is not None and math.isfinite(t["value"])
+    ]
+    if not finished:
+        return None
+    pick = max if mode == "max" else min
+    return pick(finished, key=lambda t: t["value"])
+
+
+def best_of_sweep(uri: str, exp_id: str, parent_id: str) -> dict[str, Any] | None:
+    """:func:`best_trial` of the sweep whose parent run is ``parent_id``, by the metric and
+    mode the sweep ran with (tags of its parent run)."""
+    tags = tracking.client(uri).get_run(parent_id).data.tags
+    metric = tags.get("contrastlab.metric", "knn_top1")
+    return best_trial(
+        sweep_trials(uri, exp_id, parent_id, metric), tags.get("contrastlab.mode", "max")
+    )
 
 
 def _plot(fn, path: Path, notes: list[str], **kw) -> bool:
@@ -204,7 +241,7 @@ def sweep_report(
             "missing or no longer valid, so the searched parameters are unknown"
         )
     metric, mode = space.metric, space.mode
-    trials = _trials(uri, exp_id, parent_id, metric)
+    trials = sweep_trials(uri, exp_id, parent_id, metric)
     if not trials:
         raise ConfigError(f"sweep {sweep!r} has no trial runs in MLflow")
     notes: list[str] = []
@@ -227,11 +264,9 @@ def sweep_report(
     files = {"leaderboard": out / "leaderboard.csv"}
     board.to_csv(files["leaderboard"], index=False)
 
-    finished = [t for t in trials if t["status"] == "FINISHED" and t["value"] is not None]
+    bt = best_trial(trials, mode)
     best = None
-    if finished:
-        pick = max if mode == "max" else min
-        bt = pick(finished, key=lambda t: t["value"])
+    if bt is not None:
         best = {"run_id": bt["run_id"], "trial": bt["trial"], metric: bt["value"]}
         cfg_path = c.download_artifacts(bt["run_id"], "config.yaml", str(out))
         files["best_config"] = out / "best_config.yaml"
@@ -355,4 +390,13 @@ def _html(sweep: str, markdown: str, board, files: dict[str, Path]) -> str:
     )
 
 
-__all__ = ["SweepReport", "find_sweep", "rebuild_study", "sweep_report"]
+__all__ = [
+    "SweepReport",
+    "best_of_sweep",
+    "best_trial",
+    "find_sweep",
+    "locate_sweep",
+    "rebuild_study",
+    "sweep_report",
+    "sweep_trials",
+]

@@ -1,6 +1,6 @@
 """Reproduce a tracked trial locally, without Ray, and compare its metrics with the original.
 
-``reproduce(run_id=...)`` (or ``best_of=EXPERIMENT``) fetches the trial's resolved
+``reproduce(run_id=...)`` (or ``best_of=SWEEP or EXPERIMENT``) fetches the trial's resolved
 ``config.yaml`` from MLflow, checks which code produced it (the sweep's git SHA and source
 hash against this checkout: a difference is a warning, shown in the output), trains the same
 config with the same seed, in one process or ``workers`` local DDP processes, and prints the
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from contrastlab.config import Config, ConfigError, make_config
 from contrastlab.distributed import exit_spawned_worker
 
 COMPARED = ("loss", "knn_top1", "knn_top5")
-THREADS_TAG = "contrastlab.torch_threads"
+THREADS_TAG = tracking.THREADS_TAG
 GPU_TOLERANCE = {"knn_top1": 0.5, "knn_top5": 0.5, "loss": 0.01}
 """Allowed |difference| off CPU: kNN in percentage points, loss relative."""
 
@@ -57,30 +56,56 @@ class _StopAfterError(Exception):
     """Raised by the hook to end a reproduction after ``--epochs`` epochs."""
 
 
-def best_run(uri: str, experiment: str) -> str:
-    """The best FINISHED trial of ``experiment`` by its sweep's metric (tagged on the parent)."""
+def best_run(uri: str, name: str) -> str:
+    """The run ``--best-of NAME`` reproduces: the best finished trial of sweep ``name`` (the
+    run ``contrastlab report NAME`` names as best), else, when no sweep has that name, the best
+    over every sweep of MLflow experiment ``name``. A sweep name wins over an experiment name.
+
+    Raises:
+        ConfigError: ``name`` is neither, is an ablation, or has no finished sweep trial.
+    """
+    from contrastlab.report import best_of_sweep, locate_sweep
+
     c = tracking.client(uri)
-    exp = c.get_experiment_by_name(experiment)
+    found = locate_sweep(uri, name)
+    if found is not None:
+        exp_id, parent_id = found
+        if c.get_run(parent_id).data.tags.get(tracking.KIND_TAG, "sweep") != "sweep":
+            raise ConfigError(
+                f"--best-of {name!r} is an ablation (cells x seeds, no search): pick one of its "
+                "runs with --run-id (its analysis/results.parquet lists them)"
+            )
+        best = best_of_sweep(uri, exp_id, parent_id)
+        if best is None:
+            raise ConfigError(
+                f"--best-of: sweep {name!r} has no finished trial (trials stopped early or "
+                "failed do not count)"
+            )
+        return best["run_id"]
+    exp = c.get_experiment_by_name(name)
     if exp is None:
-        raise ConfigError(f"--best-of: no MLflow experiment named {experiment!r} in {uri}")
-    runs = c.search_runs([exp.experiment_id], max_results=10_000)
-    parents = {r.info.run_id: r for r in runs if tracking.PARENT_TAG not in r.data.tags}
+        raise ConfigError(
+            f"--best-of {name!r}: no sweep (a parent run tagged contrastlab.sweep) and no MLflow "
+            f"experiment has that name in {uri}; `contrastlab report NAME` takes the same sweep "
+            "names"
+        )
+    runs = c.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{tracking.SWEEP_TAG}` != ''", max_results=10_000
+    )
     best, best_key = None, None
-    for r in runs:
-        parent = parents.get(r.data.tags.get(tracking.PARENT_TAG, ""))
-        if parent is None or r.info.status != "FINISHED":
+    for parent in runs:
+        tags = parent.data.tags
+        if tracking.PARENT_TAG in tags or tags.get(tracking.KIND_TAG, "sweep") != "sweep":
             continue
-        if parent.data.tags.get(tracking.KIND_TAG, "sweep") != "sweep":
+        top = best_of_sweep(uri, exp.experiment_id, parent.info.run_id)
+        if top is None:
             continue
-        metric = parent.data.tags.get("contrastlab.metric", "knn_top1")
-        sign = 1 if parent.data.tags.get("contrastlab.mode", "max") == "max" else -1
-        v = r.data.metrics.get(metric)
-        if v is None or not math.isfinite(v):
-            continue
-        if best_key is None or sign * v > best_key:
-            best, best_key = r.info.run_id, sign * v
+        # sweeps of one experiment may differ in mode: compare on a scale where higher wins
+        key = top["value"] if tags.get("contrastlab.mode", "max") == "max" else -top["value"]
+        if best_key is None or key > best_key:
+            best, best_key = top["run_id"], key
     if best is None:
-        raise ConfigError(f"--best-of: experiment {experiment!r} has no finished sweep trial")
+        raise ConfigError(f"--best-of: experiment {name!r} has no finished sweep trial")
     return best
 
 
@@ -212,7 +237,8 @@ def reproduce(
 
     Args:
         run_id: the trial's MLflow run id.
-        best_of: instead, the best finished trial of this MLflow experiment.
+        best_of: instead, the best finished trial of this sweep (as ``contrastlab report``
+            names it) or, if no sweep has this name, of this MLflow experiment's sweeps.
         tracking_uri: MLflow store (default as for sweeps).
         workers: local DDP processes (one per GPU when CUDA is there, else gloo on CPU);
             default: as many as the trial had (its ``contrastlab.workers`` tag).

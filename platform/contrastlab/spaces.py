@@ -88,6 +88,25 @@ _METRIC_MODES = {
 }
 # the contrastive tasks' top-1 accuracies of CMC (view to view) and CPC (patch to patch)
 _METRIC_METHODS.update({"cmc_acc": ("cmc",), "cpc_acc": ("cpc",)})
+METRIC_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "loss": (None, None),  # EMP-SSL's loss subtracts TCR: no bound holds for every method
+    "knn_top1": (0.0, 100.0),  # percent
+    "knn_top5": (0.0, 100.0),
+    "views_per_s": (0.0, None),
+    "epoch_time_s": (0.0, None),
+    "lr": (0.0, None),
+    "moco_acc": (0.0, 1.0),  # fractions
+    "tcr": (None, None),
+    "invariance": (None, None),
+    "cmc_acc": (0.0, 1.0),
+    "cpc_acc": (0.0, 1.0),
+    "rankme": (1.0, None),  # exp(entropy) of the normalised singular values
+    "alignment": (0.0, 4.0),  # E||z1 - z2||^2 of unit vectors (evaluate.ALIGN_ALPHA = 2)
+    "uniformity": (-8.0, 0.0),  # [-4t, 0] with evaluate.UNIFORM_T = 2
+    "nuisance_r2": (None, 1.0),  # held-out R^2: 1 at best, unbounded below
+}
+"""``(low, high)`` each metric can take (None: unbounded on that side): interval estimates
+(ablation summaries) never leave it."""
 _METRIC_MODES.update({"cmc_acc": "max", "cpc_acc": "max"})
 # a higher effective rank (no collapse), closer positives, a more even spread, and features
 # that predict less of the per-image colour are better; ASHA then stops collapsed trials
@@ -1482,6 +1501,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 __all__ = [
     "DISTRIBUTIONS",
     "MAX_COMBINATIONS",
+    "METRIC_RANGES",
     "REPORTED_METRICS",
     "Param",
     "Resources",

@@ -9,6 +9,7 @@ second one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -20,6 +21,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ import torch
 
 TRIAL_TAG = "contrastlab.trial_id"
 SWEEP_TAG = "contrastlab.sweep"
-KIND_TAG = "contrastlab.kind"  # "sweep" | "ablation" | "reproduction"
+KIND_TAG = "contrastlab.kind"  # "sweep" | "ablation" | "reproduction" | "train"
 PARENT_TAG = "mlflow.parentRunId"
 PACKAGES = ("contrastlab", "torch", "torchvision", "ray", "optuna", "mlflow", "numpy", "pydantic")
 
@@ -249,11 +251,15 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) 
         client(uri).log_batch(run_id, metrics=batch)
 
 
-def find_child(uri: str, exp_id: str, parent_id: str, trial_id: str) -> str | None:
-    runs = client(uri).search_runs(
-        [exp_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
-    )
+def find_child(uri: str, exp_id: str, parent_id: str | None, trial_id: str) -> str | None:
+    """The run of trial ``trial_id`` under ``parent_id``; with ``parent_id`` None, the
+    parentless run (a ``contrastlab train`` run) tagged with ``trial_id``."""
+    query = f"tags.`{TRIAL_TAG}` = '{trial_id}'"
+    if parent_id is not None:
+        query = f"tags.`{PARENT_TAG}` = '{parent_id}' and {query}"
+    runs = client(uri).search_runs([exp_id], filter_string=query)
+    if parent_id is None:
+        runs = [r for r in runs if PARENT_TAG not in r.data.tags]
     return runs[0].info.run_id if runs else None
 
 
@@ -288,7 +294,8 @@ def undelivered(
 
 
 class TrialRun:
-    """The child run of one trial (created once, reopened when the trial restarts).
+    """The child run of one trial (created once, reopened when the trial restarts); with
+    ``parent_id`` None, a run of its own (``contrastlab train --tracking-uri``).
 
     Metrics that cannot be sent (the server is down) are kept, written to ``spool`` so that a
     person can see exactly what is missing, and sent with the next successful call.
@@ -298,7 +305,7 @@ class TrialRun:
         self,
         uri: str,
         exp_id: str,
-        parent_id: str,
+        parent_id: str | None,
         trial_id: str,
         trial_name: str,
         params: Mapping[str, Any],
@@ -310,10 +317,9 @@ class TrialRun:
         existing = find_child(uri, exp_id, parent_id, trial_id)
         self.created = existing is None
         if existing is None:
+            parent = {PARENT_TAG: parent_id} if parent_id is not None else {}
             run = c.create_run(
-                exp_id,
-                run_name=trial_name,
-                tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id, **(tags or {})},
+                exp_id, run_name=trial_name, tags={**parent, TRIAL_TAG: trial_id, **(tags or {})}
             )
             self.run_id = run.info.run_id
             log_params(uri, self.run_id, params)
@@ -333,6 +339,7 @@ class TrialRun:
         self.pending_tags: dict[str, str] = {}
         self.spool = spool
         self._uncertain = False
+        self.ended = False  # end() was called: FINISHED, FAILED or KILLED is recorded
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         """Log one epoch's metrics; while the server is unreachable they wait in ``pending``
@@ -406,3 +413,228 @@ class TrialRun:
         if reason:
             c.set_tag(self.run_id, "contrastlab.end_reason", reason[:5000])
         c.set_terminated(self.run_id, status)
+        self.ended = True
+
+
+# --------------------------------------------------------------------------- a training run's life
+# Shared by sweep trials (tune.py) and hand runs (`contrastlab train --tracking-uri`), so that
+# both land in MLflow the same way: params, per-epoch metrics, config, checkpoint, end state.
+
+DIAGNOSIS_TAG = "contrastlab.diagnosis"
+"""MLflow tag of a run: what :func:`contrastlab.evaluate.diagnose` said (a shortcut, a
+collapse), one message per line; absent when it said nothing."""
+THREADS_TAG = "contrastlab.torch_threads"
+"""CPU threads the run trained with: float reduction order depends on it, so ``contrastlab
+reproduce`` uses the same count again."""
+OUTAGE_WAIT_S = float(os.environ.get("CONTRASTLAB_MLFLOW_OUTAGE_WAIT_S", "120"))
+"""How long a finishing run waits for an unreachable MLflow server before giving up on it."""
+PENDING_FILE = "mlflow_pending.json"
+"""Spool file, in the run directory, of the metrics not sent yet (see :class:`TrialRun`)."""
+TRAIN_RUN_FILE = "mlflow_run.json"
+"""In a ``contrastlab train --tracking-uri`` run directory: which MLflow run it logs to."""
+TRAIN_EXPERIMENT = "contrastlab-train-{method}"
+"""Default MLflow experiment of ``contrastlab train --tracking-uri`` runs."""
+
+
+def open_run(
+    uri: str,
+    exp_id: str,
+    parent_id: str | None,
+    trial_id: str,
+    name: str,
+    cfg: Any,
+    tags: Mapping[str, str],
+    spool: Path | None,
+) -> TrialRun:
+    """Create (or, for a restarted trial or resumed run, reopen) the MLflow run of one training
+    run of ``cfg`` (a :class:`~contrastlab.config.Config`): its params, the tags every run
+    carries plus ``tags``, and, once, the resolved config to reproduce it from."""
+    # a run must not stall for minutes in MLflow's retry loop while the server is down:
+    # it keeps training and spools (see TrialRun); the user's own settings win
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    run = TrialRun(
+        uri,
+        exp_id,
+        parent_id,
+        trial_id,
+        name,
+        cfg.tracked_params(),
+        tags={
+            "contrastlab.method": cfg.method.name,
+            THREADS_TAG: str(torch.get_num_threads()),
+            # the code this run ran (an editable install changes under a running sweep)
+            "contrastlab.source_sha256": source_digest(),
+            "contrastlab.pid": str(os.getpid()),
+            **tags,
+        },
+        spool=spool,
+    )
+    if run.created:
+        run.log_text(cfg.to_yaml(), "config.yaml")
+    return run
+
+
+def _rows_before(run_dir: Path, epoch: int) -> list[dict[str, float]]:
+    """The rows of the trainer's ``metrics.jsonl`` before ``epoch`` (epoch 0, the random-init
+    evaluation, and after a resume the epochs the checkpoint holds)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("epoch", 0) < epoch]
+
+
+def epoch_logger(run: TrialRun, epochs: int, run_dir: Path | None = None):
+    """A training hook (``hook(epoch, metrics, checkpoint)``, see :data:`contrastlab.train.Hook`)
+    that logs every epoch to ``run``, step = epoch.
+
+    Hooks run after an epoch, so the first call also sends the rows of ``run_dir``'s
+    ``metrics.jsonl`` before it that the run lacks: the random-init evaluation (step 0) and,
+    when a run resumed into a new MLflow run, the epochs its checkpoint holds.
+
+    It keeps the run's history (seeded from those rows) and, whenever
+    :func:`contrastlab.evaluate.diagnose` finds something new, sets :data:`DIAGNOSIS_TAG` to
+    every message said so far, one per line. At the last epoch it closes the run (pending
+    metrics, the checkpoint, FINISHED; see :func:`close_run`) before returning: Tune stops a
+    trial at its last report, so nothing after that is guaranteed to run.
+    """
+    from contrastlab.evaluate import update_diagnoses
+
+    history: list[dict[str, float]] = []
+    said: list[dict[str, Any]] = []
+
+    def hook(epoch: int, metrics: dict[str, float], ckpt: Path | None) -> None:
+        if not history and run_dir is not None:
+            earlier = _rows_before(run_dir, epoch)
+            for row in earlier:
+                # epochs the run holds (a reopened run) are not sent twice; epoch 0 carries no
+                # loss, so it counts as held once any trained epoch is (it is sent first)
+                if int(row.get("epoch", 0)) > run.logged_through:
+                    run.log_epoch(int(row.get("epoch", 0)), row)
+            history.extend(earlier)
+        run.log_epoch(epoch, metrics)
+        history.append(metrics)
+        if update_diagnoses(history, said, final=epoch == epochs):
+            run.set_tag(DIAGNOSIS_TAG, "\n".join(d["message"] for d in said))
+        if epoch == epochs:
+            close_run(run, ckpt)
+
+    return hook
+
+
+def close_run(run: TrialRun, ckpt: Path | None, wait_s: float | None = None) -> None:
+    """Send what is pending, the final checkpoint and FINISHED. If the server stays down for
+    ``wait_s`` (default :data:`OUTAGE_WAIT_S`), say exactly what is missing and let training
+    end normally: a sweep's driver sends the spooled metrics and settles the run state once it
+    can; for a hand run, the spool file lists what never reached MLflow."""
+    deadline = time.monotonic() + (OUTAGE_WAIT_S if wait_s is None else wait_s)
+    delay = 1.0
+    while not run.flush() and time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 2, 15.0)
+    if run.pending:
+        print(
+            f"contrastlab: MLflow unreachable: epochs {[e for e, _ in run.pending]} of run "
+            f"{run.run_id} are not logged yet; they wait in {run.spool}",
+            flush=True,
+        )
+        return
+    try:
+        if ckpt is not None:
+            run.log_artifact(ckpt, "checkpoint")
+        run.end("FINISHED")
+    except Exception as e:  # the server went away between the flush and here
+        print(f"contrastlab: MLflow: could not close run {run.run_id}: {e}", flush=True)
+
+
+@contextlib.contextmanager
+def failed_on_error(run: TrialRun | None):
+    """Run the body; if it raises, end ``run`` FAILED with the exception as the reason."""
+    try:
+        yield
+    except Exception as e:
+        if run is not None:
+            run.end("FAILED", reason=f"{type(e).__name__}: {e}")
+        raise
+
+
+def log_provenance_files(uri: str, run_id: str, prov: Mapping[str, Any]) -> None:
+    """``provenance.json`` (all of :func:`provenance` but the diff) and, from a checkout with
+    uncommitted changes, ``git_diff.patch``, as artifacts of ``run_id``."""
+    import tempfile
+
+    c = client(uri)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "provenance.json").write_text(
+            json.dumps({k: v for k, v in prov.items() if k != "git_diff"}, indent=2)
+        )
+        c.log_artifact(run_id, str(Path(d) / "provenance.json"))
+        if prov["git_diff"]:
+            (Path(d) / "git_diff.patch").write_text(prov["git_diff"])
+            c.log_artifact(run_id, str(Path(d) / "git_diff.patch"))
+
+
+def open_train_run(
+    tracking_uri: str | None,
+    experiment: str | None,
+    cfg: Any,
+    run_dir: str | Path,
+    resume: bool = False,
+) -> TrialRun:
+    """The MLflow run of a hand run (``contrastlab train --tracking-uri``): a run of its own,
+    no parent, logged like a sweep trial (see :func:`open_run`) and tagged
+    ``contrastlab.kind=train``, with provenance tags, ``provenance.json`` and the git diff.
+
+    Args:
+        tracking_uri: MLflow store (resolved as for sweeps, see :func:`resolve_tracking_uri`).
+        experiment: MLflow experiment; default :data:`TRAIN_EXPERIMENT`
+            (``contrastlab-train-<method>``).
+        cfg: the run's config.
+        run_dir: the run directory; :data:`TRAIN_RUN_FILE` there records the MLflow run.
+        resume: the run continues from its checkpoint: it continues its MLflow run too (same
+            store), without logging an epoch twice.
+    """
+    from contrastlab.config import ConfigError
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    run_dir = Path(run_dir)
+    link = run_dir / TRAIN_RUN_FILE
+    known = json.loads(link.read_text()) if resume and link.is_file() else None
+    if known is not None and known["tracking_uri"] != uri:
+        known = None  # another store: a new run there, with the epochs the checkpoint holds
+    if known is not None:
+        if experiment is not None and experiment != known["experiment"]:
+            raise ConfigError(
+                f"--experiment {experiment!r}: {run_dir} logs to MLflow run {known['run_id']} "
+                f"in experiment {known['experiment']!r}; leave --experiment out to continue it"
+            )
+        experiment, trial_id = known["experiment"], known["trial_id"]
+    else:
+        experiment = experiment or TRAIN_EXPERIMENT.format(method=cfg.method.name)
+        trial_id = f"train-{uuid.uuid4().hex[:12]}"
+    exp_id = experiment_id(uri, experiment)
+    prov = provenance()
+    tags = {
+        KIND_TAG: "train",
+        "contrastlab.workers": "1",
+        "contrastlab.run_dir": str(run_dir.resolve())[:5000],
+        **provenance_tags(prov),
+    }
+    run = open_run(uri, exp_id, None, trial_id, run_dir.name, cfg, tags, run_dir / PENDING_FILE)
+    if run.created:
+        log_provenance_files(uri, run.run_id, prov)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    link.write_text(
+        json.dumps(
+            {
+                "tracking_uri": uri,
+                "experiment": experiment,
+                "run_id": run.run_id,
+                "trial_id": trial_id,
+            },
+            indent=1,
+        )
+    )
+    return run

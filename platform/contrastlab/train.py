@@ -10,6 +10,7 @@ A run directory holds::
     metrics.jsonl        one JSON line per epoch (epoch 0 = before training, when measured)
     checkpoints/epoch_NNNN.pt   model, optimizer, RNG states, history (weights_only-loadable)
     summary.json         final metrics, written when training finishes
+    mlflow_run.json      the MLflow run it logs to (``contrastlab train --tracking-uri``)
 """
 
 from __future__ import annotations

@@ -149,31 +149,8 @@ def _restore_checkpoint(ckpt: Any, run_dir: Path) -> bool:
     return True
 
 
-DIAGNOSIS_TAG = "contrastlab.diagnosis"
-"""MLflow tag of a trial's run: what :func:`contrastlab.evaluate.diagnose` said (a shortcut, a
-collapse), one message per line; absent when it said nothing."""
-
-
-def _earlier_metrics(run_dir: Path, epoch: int) -> list[dict[str, float]]:
-    """The rows of ``metrics.jsonl`` before ``epoch`` (epoch 0 and, after a restart, the epochs
-    the checkpoint holds)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("epoch", 0) < epoch]
-
-
-def _init_metrics(run_dir: Path) -> dict[str, float] | None:
-    """The random-init evaluation (epoch 0) the trainer wrote to ``metrics.jsonl``, if any."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        if row.get("epoch") == 0:
-            return row
-    return None
+DIAGNOSIS_TAG = tracking.DIAGNOSIS_TAG
+PENDING_FILE = tracking.PENDING_FILE
 
 
 def _report_hook(
@@ -184,38 +161,22 @@ def _report_hook(
     epochs: int,
     run_dir: Path | None = None,
 ):
-    """Per-epoch hook: MLflow metrics (rank 0), then one Ray report with the checkpoint.
+    """Per-epoch hook: MLflow (rank 0, :func:`tracking.epoch_logger`), then one Ray report
+    with the checkpoint.
 
     The random-init evaluation (epoch 0) goes to MLflow as step 0 with epoch 1's metrics; it is
     not reported to Tune, whose iterations must count training epochs (ASHA's rungs).
 
     Tune stops a trial *at* its last report (ASHA's ``max_t``), so nothing after the final
-    report is guaranteed to run: the final checkpoint artifact and the FINISHED state are
-    written to MLflow before it.
-
-    The hook keeps the trial's running history (seeded from ``metrics.jsonl``: the epoch-0
-    evaluation and, after a restart, the epochs before it) and, whenever
-    :func:`contrastlab.evaluate.diagnose` finds something new, sets the run's
-    :data:`DIAGNOSIS_TAG` to every message said so far, one per line.
+    report is guaranteed to run: the MLflow logger writes the final checkpoint artifact and the
+    FINISHED state before it. It also tags the run with the diagnosis (see
+    :data:`DIAGNOSIS_TAG`).
     """
-    from contrastlab.evaluate import update_diagnoses
-
-    history: list[dict[str, float]] = []
-    said: list[dict[str, Any]] = []
+    log = tracking.epoch_logger(run, epochs, run_dir) if run is not None and is_main else None
 
     def hook(epoch: int, metrics: dict[str, float], ckpt: Path | None) -> None:
-        if run is not None and is_main:
-            init = _init_metrics(run_dir) if epoch == 1 and run_dir is not None else None
-            if init is not None:
-                run.log_epoch(0, init)
-            run.log_epoch(epoch, metrics)
-            if not history and run_dir is not None:
-                history.extend(_earlier_metrics(run_dir, epoch))
-            history.append(metrics)
-            if update_diagnoses(history, said, final=epoch == epochs):
-                run.set_tag(DIAGNOSIS_TAG, "\n".join(d["message"] for d in said))
-            if epoch == epochs:
-                _close_run(run, ckpt)
+        if log is not None:
+            log(epoch, metrics, ckpt)
         if ckpt is None:
             report_fn(dict(metrics))
             return
@@ -224,41 +185,6 @@ def _report_hook(
             report_fn(dict(metrics), checkpoint=checkpoint_cls.from_directory(d))
 
     return hook
-
-
-OUTAGE_WAIT_S = float(os.environ.get("CONTRASTLAB_MLFLOW_OUTAGE_WAIT_S", "120"))
-"""How long a finishing trial waits for an unreachable MLflow server before giving up on it."""
-PENDING_FILE = "mlflow_pending.json"
-
-
-def _close_run(run: tracking.TrialRun, ckpt: Path | None) -> None:
-    """Send what is pending, the final checkpoint and FINISHED. If the server stays down for
-    :data:`OUTAGE_WAIT_S`, say exactly what is missing and let training end normally: the
-    driver sends the spooled metrics and settles the run state once it can."""
-    deadline = time.monotonic() + OUTAGE_WAIT_S
-    delay = 1.0
-    while not run.flush() and time.monotonic() < deadline:
-        time.sleep(delay)
-        delay = min(delay * 2, 15.0)
-    if run.pending:
-        print(
-            f"contrastlab: MLflow unreachable: epochs {[e for e, _ in run.pending]} of run "
-            f"{run.run_id} are not logged yet; they wait in {run.spool}",
-            flush=True,
-        )
-        return
-    try:
-        if ckpt is not None:
-            run.log_artifact(ckpt, "checkpoint")
-        run.end("FINISHED")
-    except Exception as e:  # the server went away between the flush and here
-        print(f"contrastlab: MLflow: could not close run {run.run_id}: {e}", flush=True)
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 # 1 for the first trial this process runs, 2 for the next one (a reused actor), ...
@@ -276,36 +202,23 @@ def _gpu_ids() -> str:
 def _open_run(
     settings: SweepSettings, trial_id: str, trial_name: str, cfg, run_dir: Path
 ) -> tracking.TrialRun:
-    # a trial must not stall for minutes in MLflow's retry loop while the server is down:
-    # it keeps training and spools (see TrialRun); the user's own settings win
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    run = tracking.TrialRun(
+    return tracking.open_run(
         settings.tracking_uri,
         settings.experiment_id,
         settings.parent_run_id,
         trial_id,
         trial_name,
-        cfg.tracked_params(),
+        cfg,
         tags={
             tracking.SWEEP_TAG: settings.name,
-            "contrastlab.method": cfg.method.name,
-            # float reduction order depends on it: `contrastlab reproduce` uses it again
-            "contrastlab.torch_threads": str(torch_threads()),
             "contrastlab.workers": str(settings.space.resources.workers),
-            # the code this trial ran (an editable install changes under a running sweep)
-            "contrastlab.source_sha256": tracking.source_digest(),
             # the GPU(s) Ray assigned; trials with resources.gpus_per_worker < 1 share one
             "contrastlab.gpu_ids": _gpu_ids(),
             # with reuse_actors one process runs several trials, one after the other
-            "contrastlab.pid": str(os.getpid()),
             "contrastlab.trial_in_process": str(next(_TRIALS_IN_PROCESS)),
         },
         spool=run_dir / PENDING_FILE,
     )
-    if run.created:
-        run.log_text(cfg.to_yaml(), "config.yaml")  # the resolved config, to reproduce from
-    return run
 
 
 def _train_trial(
@@ -333,11 +246,8 @@ def _train_trial(
         )
     hook = _report_hook(report_fn, checkpoint_cls, run, is_main, cfg.train.epochs, run_dir)
     try:
-        train(cfg, run_dir=run_dir, resume=resumed, hooks=[hook])
-    except Exception as e:
-        if run is not None:
-            run.end("FAILED", reason=f"{type(e).__name__}: {e}")
-        raise
+        with tracking.failed_on_error(run):
+            train(cfg, run_dir=run_dir, resume=resumed, hooks=[hook])
     finally:
         _release_memory()
 
@@ -813,14 +723,7 @@ def run_sweep(
 
 def _log_parent_files(uri: str, parent_id: str, space: SearchSpace, prov: dict) -> None:
     c = tracking.client(uri)
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "provenance.json").write_text(
-            json.dumps({k: v for k, v in prov.items() if k != "git_diff"}, indent=2)
-        )
-        c.log_artifact(parent_id, str(Path(d) / "provenance.json"))
-        if prov["git_diff"]:
-            (Path(d) / "git_diff.patch").write_text(prov["git_diff"])
-            c.log_artifact(parent_id, str(Path(d) / "git_diff.patch"))
+    tracking.log_provenance_files(uri, parent_id, prov)
     # the space as it ran (after --smoke-test / --trials changes), and the file it came from
     with tempfile.TemporaryDirectory() as d:
         effective = Path(d) / f"{Path(space.path).stem}.yaml"
