@@ -323,3 +323,19 @@ def test_diagnose_waits_out_the_early_dip_but_not_a_collapse():
     assert [diagnosis_kind(m) for m in diagnose(hist)] == ["knn_below_init", "shortcut"]
     collapsed = _hist(INIT, {"knn_top1": 70.0, "rankme": 1.2, "nuisance_r2": 0.3})
     assert [diagnosis_kind(m) for m in diagnose(collapsed)] == ["collapse"]
+
+
+def test_the_knn_diagnosis_waits_a_fifth_of_the_planned_run():
+    """The default digits job dips under its random init for its first dozen epochs and then
+    learns: with 100 planned epochs that dip is not reported, a run still under it at a fifth
+    of its epochs is."""
+    from contrastlab.evaluate import grace_epochs, update_diagnoses
+
+    assert grace_epochs(100) == 20 and grace_epochs(10) == 5 and grace_epochs(40) == 8
+    dip = [{"epoch": 0, "knn_top1": 95.5}] + [{"epoch": e, "knn_top1": 92.4} for e in range(1, 8)]
+    assert update_diagnoses(dip, [], grace=grace_epochs(100)) == []
+    said = update_diagnoses(dip, [], grace=5)
+    assert [d["kind"] for d in said] == ["knn_below_init"]
+    stuck = dip + [{"epoch": e, "knn_top1": 92.0} for e in range(8, 21)]
+    said = update_diagnoses(stuck, [], grace=grace_epochs(100))
+    assert [d["kind"] for d in said] == ["knn_below_init"] and said[0]["epoch"] == 20

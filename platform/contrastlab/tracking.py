@@ -499,7 +499,7 @@ def epoch_logger(run: TrialRun, epochs: int, run_dir: Path | None = None):
     metrics, the checkpoint, FINISHED; see :func:`close_run`) before returning: Tune stops a
     trial at its last report, so nothing after that is guaranteed to run.
     """
-    from contrastlab.evaluate import update_diagnoses
+    from contrastlab.evaluate import grace_epochs, update_diagnoses
 
     history: list[dict[str, float]] = []
     said: list[dict[str, Any]] = []
@@ -515,7 +515,7 @@ def epoch_logger(run: TrialRun, epochs: int, run_dir: Path | None = None):
             history.extend(earlier)
         run.log_epoch(epoch, metrics)
         history.append(metrics)
-        if update_diagnoses(history, said, final=epoch == epochs):
+        if update_diagnoses(history, said, epoch == epochs, grace_epochs(epochs)):
             run.set_tag(DIAGNOSIS_TAG, "\n".join(d["message"] for d in said))
         if epoch == epochs:
             close_run(run, ckpt)

@@ -601,7 +601,12 @@ class Trainer:
             # what the interrupted attempt said (and printed), each at its epoch
             for end in range(1, len(self.history) + 1):
                 last = self.history[end - 1].get("epoch") == t.epochs
-                evaluate.update_diagnoses(self.history[:end], self.diagnoses, final=last)
+                evaluate.update_diagnoses(
+                    self.history[:end],
+                    self.diagnoses,
+                    final=last,
+                    grace=evaluate.grace_epochs(t.epochs),
+                )
         if self.is_main:
             self._write_run_files()
         if self.is_main:
@@ -667,7 +672,8 @@ class Trainer:
         and print it: through tqdm with progress bars, else as a :class:`RuntimeWarning` on
         stderr, so that it reaches the user either way."""
         final = self.epoch == self.cfg.train.epochs
-        for d in evaluate.update_diagnoses(self.history, self.diagnoses, final=final):
+        grace = evaluate.grace_epochs(self.cfg.train.epochs)
+        for d in evaluate.update_diagnoses(self.history, self.diagnoses, final, grace):
             if self.cfg.train.progress:
                 tqdm.write(f"contrastlab diagnosis: {d['message']}", file=sys.stderr)
             else:
