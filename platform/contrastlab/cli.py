@@ -21,16 +21,16 @@ from pathlib import Path
 from contrastlab.config import ConfigError, load_config
 
 
+def _add_set_arg(p: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``: train, config, sweep, ablate."""
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config file (default: built-in digits run)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set method.temperature=0.2 (repeatable)",
-    )
+    _add_set_arg(p, "override a config value, e.g. --set method.temperature=0.2 (repeatable)")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -238,13 +238,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``sweep`` and ``ablate``: base overrides, storage, MLflow, runner,
     restarts."""
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="set a config value in the spec's base for every trial, e.g. --set "
+    _add_set_arg(
+        p,
+        "set a config value in the spec's base for every trial, e.g. --set "
         "data.root=/data/train (repeatable; checked before anything starts)",
     )
     p.add_argument(
