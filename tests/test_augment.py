@@ -445,6 +445,26 @@ def test_solarize_matches_torchvision() -> None:
     torch.testing.assert_close(ours[1], x[1], atol=1e-6, rtol=0)
 
 
+def _photometric_reference(
+    y: torch.Tensor, p: dict, i: int, kernel_size: int, solarize_threshold: float
+) -> torch.Tensor:
+    """torchvision's jitter (fixed order), grayscale, blur and solarize on one image ``y``
+    ``[3, S, S]``, with sample ``i``'s drawn parameters ``p``: the per-image reference."""
+    if p["jitter"][i]:
+        y = TF.adjust_brightness(y, float(p["brightness"][i]))
+        y = TF.adjust_contrast(y, float(p["contrast"][i]))
+        y = TF.adjust_saturation(y, float(p["saturation"][i]))
+        y = TF.adjust_hue(y, float(p["hue"][i]))
+    if p["gray"][i]:
+        y = TF.rgb_to_grayscale(y, num_output_channels=3)
+    if p["blur"][i]:
+        s = float(p["sigma"][i])
+        y = TF.gaussian_blur(y, [kernel_size] * 2, [s, s])
+    if p["solarize"][i]:
+        y = TF.solarize(y, solarize_threshold)
+    return y
+
+
 def test_full_pipeline_matches_torchvision_composition() -> None:
     """Sampled parameters (boxes rounded to whole pixels), all ops on, normalisation on."""
     n, size = 24, 32
@@ -462,18 +482,7 @@ def test_full_pipeline_matches_torchvision_composition() -> None:
         y = TF.resized_crop(x[i], top, left, h, w, [size, size], antialias=False)
         if p["flip"][i]:
             y = TF.horizontal_flip(y)
-        if p["jitter"][i]:
-            y = TF.adjust_brightness(y, float(p["brightness"][i]))
-            y = TF.adjust_contrast(y, float(p["contrast"][i]))
-            y = TF.adjust_saturation(y, float(p["saturation"][i]))
-            y = TF.adjust_hue(y, float(p["hue"][i]))
-        if p["gray"][i]:
-            y = TF.rgb_to_grayscale(y, num_output_channels=3)
-        if p["blur"][i]:
-            s = float(p["sigma"][i])
-            y = TF.gaussian_blur(y, [aug.kernel_size] * 2, [s, s])
-        if p["solarize"][i]:
-            y = TF.solarize(y, cfg.solarize_threshold)
+        y = _photometric_reference(y, p, i, aug.kernel_size, cfg.solarize_threshold)
         y = TF.normalize(y, list(MEAN), list(STD))
         # A luma difference of 1e-3 can flip a pixel across the solarize threshold; those
         # pixels are rare and excluded by the quantile, the bulk must match to LUMA_ATOL/std.
@@ -844,18 +853,7 @@ def test_full_pipeline_with_every_op_matches_per_image_composition() -> None:
         y = geo_only.apply(x[i : i + 1], {k: p[k][i : i + 1] for k in ("box", "flip", "angle")})[0]
         y = y[p["channel_perm"][i]]
         y = (y * p["channel_gain"][i].view(3, 1, 1)).clamp(0, 1)
-        if p["jitter"][i]:
-            y = TF.adjust_brightness(y, float(p["brightness"][i]))
-            y = TF.adjust_contrast(y, float(p["contrast"][i]))
-            y = TF.adjust_saturation(y, float(p["saturation"][i]))
-            y = TF.adjust_hue(y, float(p["hue"][i]))
-        if p["gray"][i]:
-            y = TF.rgb_to_grayscale(y, num_output_channels=3)
-        if p["blur"][i]:
-            s = float(p["sigma"][i])
-            y = TF.gaussian_blur(y, [aug.kernel_size] * 2, [s, s])
-        if p["solarize"][i]:
-            y = TF.solarize(y, cfg.solarize_threshold)
+        y = _photometric_reference(y, p, i, aug.kernel_size, cfg.solarize_threshold)
         if p["invert"][i]:
             y = TF.invert(y)
         y = TF.normalize(y, list(MEAN), list(STD))
