@@ -9,7 +9,7 @@ SimCLR loop (``contrastlab.naive``), on one learnability task, in one run on one
         --set augment.flip_p=0 --set augment.blur_p=0
 
 Both train on the same Parquet shards of the task and are measured with the same kNN protocol
-(``pipelines/learnability.KNN``) after every epoch; a side's time to the target is the wall
+(``contrastlab.data.tasks.KNN``) after every epoch; a side's time to the target is the wall
 time from its start (data already loaded) to the end of the first epoch whose kNN reaches it,
 evaluation included. The naive loop runs first, then the platform. Prints both times and
 their ratio (platform / naive; below 1 is faster); a side that never reaches the target within
@@ -28,7 +28,7 @@ import torch
 
 from contrastlab.config import ConfigError, apply_overrides, make_config
 from contrastlab.data import load_dataset
-from contrastlab.data.tasks import TASKS, write_task
+from contrastlab.data.tasks import KNN, TASKS, write_task
 from contrastlab.naive import naive_simclr
 from contrastlab.train import Trainer
 
@@ -39,8 +39,6 @@ def first_reach(history: list[float], elapsed: list[float], target: float) -> fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    from learnability import KNN  # the table's protocol (this folder is on sys.path)
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", default="colour", choices=list(TASKS))
     p.add_argument("--target", type=float, default=25.0, help="kNN top-1 %% to reach")

@@ -45,16 +45,12 @@ from typing import Any
 import torch
 import yaml
 
-from contrastlab.config import ConfigError, EvalConfig, apply_overrides, make_config
+from contrastlab.config import ConfigError, apply_overrides, make_config
 from contrastlab.data import load_dataset
-from contrastlab.data.tasks import TASKS, TEST_SIZE, get_task, raw_pixel_knn, write_task
+from contrastlab.data.tasks import KNN, TASKS, TEST_SIZE, get_task, raw_pixel_knn, write_task
 from contrastlab.methods import METHODS, SMALL_DATA
 from contrastlab.naive import naive_simclr
 from contrastlab.train import train
-
-# The kNN protocol of every number in the table (runs, naive loop, raw pixels): weighted
-# cosine kNN, k=20 (about a seventh of the 140 training images of a class), T=0.1.
-KNN = EvalConfig(knn_k=20, knn_t=0.1)
 
 # Digits are not mirror-symmetric (a mirrored 2 is no 2) and a blurred 8x8 upscale loses its
 # strokes: no flip and no blur in any recipe.

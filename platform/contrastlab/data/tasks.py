@@ -54,6 +54,9 @@ from .digits import read_digits
 
 IMAGE_SIZE = 32
 """Side of every task image, in pixels."""
+KNN = EvalConfig(knn_k=20, knn_t=0.1)
+"""The kNN protocol of every learnability number (runs, naive loop, raw pixels, benchmarks):
+weighted cosine kNN, k=20 (about a seventh of the 140 training images of a class), T=0.1."""
 TEST_SIZE = 397
 """Held-out digits (of 1797); the other 1400 are the training set."""
 SPLIT_SEED = 0
