@@ -135,6 +135,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def checkpoint_epoch(path: Path) -> int:
+    """The epoch a checkpoint file holds, from its name (``epoch_NNNN.pt``, see :meth:`fit`)."""
+    return int(Path(path).stem.split("_")[1])
+
+
 def _prune_checkpoints(run_dir: Path, keep: int) -> None:
     for old in sorted((run_dir / "checkpoints").glob("epoch_*.pt"))[:-keep]:
         old.unlink(missing_ok=True)

@@ -131,22 +131,25 @@ def _trial_config(settings: SweepSettings, params: dict[str, Any], run_dir: Path
     return make_config(raw)
 
 
-def _restore_checkpoint(ckpt: Any, run_dir: Path) -> bool:
-    """Copy a Ray checkpoint's epoch file into ``run_dir/checkpoints``; True if one existed.
+def _restore_checkpoint(ckpt: Any, run_dir: Path) -> int | None:
+    """Copy a Ray checkpoint's epoch file into ``run_dir/checkpoints``; its epoch (None: there
+    was no checkpoint).
 
     Local checkpoints from an earlier attempt are removed first: Ray's copy is the one the
     trial's reported history matches.
     """
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if ckpt is None:
-        return False
+        return None
     with ckpt.as_directory() as d:
         files = sorted(Path(d).glob("epoch_*.pt"))
         if not files:
-            return False
+            return None
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         shutil.copy2(files[-1], run_dir / "checkpoints" / files[-1].name)
-    return True
+    from contrastlab.train import checkpoint_epoch
+
+    return checkpoint_epoch(files[-1])
 
 
 DIAGNOSIS_TAG = tracking.DIAGNOSIS_TAG
@@ -235,11 +238,11 @@ def _train_trial(
     """Restore, open the MLflow run (rank 0), train with the reporting hook, record failure."""
     from contrastlab.train import train
 
-    resumed = _restore_checkpoint(ckpt, run_dir)
+    start = _restore_checkpoint(ckpt, run_dir)
+    resumed = start is not None
     run = _open_run(settings, trial_id, trial_name, cfg, run_dir) if is_main else None
     if run is not None and resumed:
         # which epoch the restarted trial continued from: the epochs after it are trained again
-        start = int(sorted((run_dir / "checkpoints").glob("epoch_*.pt"))[-1].stem.split("_")[1])
         run.set_tag("contrastlab.resumed_from_epoch", str(start))
         print(
             f"contrastlab: trial {trial_id} continues from its epoch {start} checkpoint", flush=True
