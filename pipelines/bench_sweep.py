@@ -35,8 +35,8 @@ from pathlib import Path
 import ray
 
 from contrastlab import tracking
-from contrastlab.spaces import load_space
-from contrastlab.tune import run_sweep, smoke_space
+from contrastlab.sweep.runner import run_sweep, smoke_space
+from contrastlab.sweep.space import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 

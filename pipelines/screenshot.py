@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from contrastlab import tracking, ui
-from contrastlab.report import find_sweep
+from contrastlab.sweep.report import find_sweep
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from contrastlab import evaluate, tracking
-from contrastlab.ablate import (
+from contrastlab.config import ConfigError
+from contrastlab.sweep.ablation import (
     AblationError,
     _cell_value,
     ablation_from_dict,
@@ -25,8 +26,7 @@ from contrastlab.ablate import (
     smoke_ablation,
     summarise,
 )
-from contrastlab.config import ConfigError
-from contrastlab.spaces import METRIC_RANGES, REPORTED_METRICS
+from contrastlab.sweep.spec import METRIC_RANGES, REPORTED_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = find_ablations(ROOT / "search_spaces" / "ablations")

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from contrastlab.ablate import AblationError, ablation_from_dict
-from contrastlab.config import _SECTIONS, METHOD_CONFIGS, ConfigError, make_config
+from contrastlab.config import METHOD_CONFIGS, SECTIONS, ConfigError, make_config
+from contrastlab.sweep.ablation import AblationError, ablation_from_dict
 
 JUNK = st.one_of(
     st.none(),
@@ -22,7 +22,7 @@ JUNK = st.one_of(
     st.lists(st.integers(-3, 3), max_size=3),
     st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
 )
-FIELDS = [(s, f) for s, model in _SECTIONS.items() for f in model.model_fields]
+FIELDS = [(s, f) for s, model in SECTIONS.items() for f in model.model_fields]
 METHOD_FIELDS = sorted({f for c in METHOD_CONFIGS.values() for f in c.model_fields})
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from contrastlab.ablate import load_ablation
 from contrastlab.cli import apply_sets, main
 from contrastlab.config import ConfigError
-from contrastlab.spaces import load_space
+from contrastlab.sweep.ablation import load_ablation
+from contrastlab.sweep.space import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = ROOT / "search_spaces" / "simclr.yaml"

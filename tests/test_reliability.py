@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from contrastlab import tracking, ui
-from contrastlab.reproduce import reproduce
-from contrastlab.spaces import load_space
-from contrastlab.tune import run_sweep, smoke_space
+from contrastlab.sweep.reproduce import reproduce
+from contrastlab.sweep.runner import run_sweep, smoke_space
+from contrastlab.sweep.space import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

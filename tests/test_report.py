@@ -11,10 +11,10 @@ import yaml
 from contrastlab import tracking
 from contrastlab.cli import main
 from contrastlab.config import ConfigError, make_config
-from contrastlab.report import best_trial, sweep_report
-from contrastlab.reproduce import best_run, reproduce
-from contrastlab.spaces import load_space
-from contrastlab.tune import run_sweep, smoke_space
+from contrastlab.sweep.report import best_trial, sweep_report
+from contrastlab.sweep.reproduce import best_run, reproduce
+from contrastlab.sweep.runner import run_sweep, smoke_space
+from contrastlab.sweep.space import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

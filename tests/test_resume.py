@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from contrastlab import tracking
-from contrastlab.reproduce import reproduce
+from contrastlab.sweep.reproduce import reproduce
 
 EPOCHS = 10
 TINY_BASE = {

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from contrastlab import tracking, ui
-from contrastlab.spaces import load_space
-from contrastlab.tune import run_sweep, smoke_space
+from contrastlab.sweep.runner import run_sweep, smoke_space
+from contrastlab.sweep.space import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "s3cret-Pa55word-for-the-test"
@@ -171,12 +171,12 @@ def _calls(name: str):
 
 
 def test_yaml_is_only_read_with_safe_loaders():
-    from contrastlab.spaces import _UniqueKeyLoader
+    from contrastlab.sweep.spec import UniqueKeyLoader
 
-    assert issubclass(_UniqueKeyLoader, __import__("yaml").SafeLoader)
+    assert issubclass(UniqueKeyLoader, __import__("yaml").SafeLoader)
     for f, node in _calls("yaml.load"):
         loader = {k.arg: ast.unparse(k.value) for k in node.keywords}.get("Loader")
-        assert loader in ("_UniqueKeyLoader", "yaml.SafeLoader"), f"{f}:{node.lineno}"
+        assert loader in ("UniqueKeyLoader", "yaml.SafeLoader"), f"{f}:{node.lineno}"
     assert not list(_calls("yaml.unsafe_load")) and not list(_calls("yaml.full_load"))
 
 

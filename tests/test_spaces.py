@@ -17,16 +17,14 @@ from hypothesis import strategies as st
 
 from contrastlab.config import Config, ConfigError
 from contrastlab.methods import METHODS
-from contrastlab.spaces import (
+from contrastlab.sweep.space import (
     DISTRIBUTIONS,
-    REPORTED_METRICS,
-    Param,
     SearchSpace,
-    SpaceError,
     find_spaces,
     load_space,
     space_from_dict,
 )
+from contrastlab.sweep.spec import REPORTED_METRICS, Param, SpaceError
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = ROOT / "search_spaces"
@@ -728,7 +726,7 @@ def test_space_searching_recipe_and_tuple_fields_samples_valid_configs(tmp_path)
 
 def test_tuple_choices_round_trip_through_yaml_and_mlflow_params(tmp_path):
     from contrastlab import tracking
-    from contrastlab.report import rebuild_study
+    from contrastlab.sweep.report import rebuild_study
 
     space = load_space(_aug_space(tmp_path))
     raw = space.to_dict()
@@ -884,7 +882,7 @@ def test_bad_augment_param_is_rejected_naming_the_key(tmp_path, name, params, wo
 
 
 def test_smoke_space_keeps_a_searched_recipe(tmp_path):
-    from contrastlab.tune import smoke_space
+    from contrastlab.sweep.runner import smoke_space
 
     space = load_space(_aug_space(tmp_path))
     smoke = smoke_space(space, trials=2, epochs=1)

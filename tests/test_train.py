@@ -422,7 +422,7 @@ def test_a_collapsing_run_is_diagnosed_named_and_recorded(tmp_path, capfd):
 def test_the_tune_hook_tags_the_trials_mlflow_run_with_the_diagnosis(tmp_path):
     """The Tune report hook runs evaluate.diagnose on its own running history (seeded with the
     epoch-0 row of metrics.jsonl) and sets contrastlab.diagnosis on the trial's run."""
-    from contrastlab.tune import DIAGNOSIS_TAG, _report_hook
+    from contrastlab.sweep.runner import DIAGNOSIS_TAG, _report_hook
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     exp = tracking.experiment_id(uri, "diag")

@@ -79,9 +79,9 @@ def apply_sets(spec, overrides: list[str], kind: str):
     its ``base``, validated again: a shipped space then points at the user's data without
     editing YAML. On a sweep, a ``--set`` of a searched parameter fixes it (no longer searched);
     an ablation's factors cannot be set (they are what it varies)."""
-    from contrastlab.ablate import ablation_from_dict
     from contrastlab.config import apply_overrides, parse_override
-    from contrastlab.spaces import space_from_dict
+    from contrastlab.sweep.ablation import ablation_from_dict
+    from contrastlab.sweep.space import space_from_dict
 
     if not overrides:
         return spec
@@ -112,8 +112,8 @@ def apply_sets(spec, overrides: list[str], kind: str):
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import os
 
-    from contrastlab.spaces import load_space
-    from contrastlab.tune import run_sweep, smoke_space
+    from contrastlab.sweep.runner import run_sweep, smoke_space
+    from contrastlab.sweep.space import load_space
 
     space = load_space(args.space)  # validated before Ray or MLflow is touched
     if args.smoke_test:
@@ -171,7 +171,12 @@ def _reference(texts: list[str]) -> dict[str, object] | None:
 def _cmd_ablate(args: argparse.Namespace) -> int:
     import os
 
-    from contrastlab.ablate import format_summary, load_ablation, run_ablation, smoke_ablation
+    from contrastlab.sweep.ablation import (
+        format_summary,
+        load_ablation,
+        run_ablation,
+        smoke_ablation,
+    )
 
     spec = load_ablation(args.spec)  # validated (every cell's config built) before Ray
     if args.smoke_test:
@@ -208,7 +213,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from contrastlab.report import sweep_report
+    from contrastlab.sweep.report import sweep_report
 
     rep = sweep_report(
         args.sweep, tracking_uri=args.tracking_uri, experiment=args.experiment, out_dir=args.out
@@ -220,7 +225,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from contrastlab.reproduce import reproduce
+    from contrastlab.sweep.reproduce import reproduce
 
     rep = reproduce(
         run_id=args.run_id,

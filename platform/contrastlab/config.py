@@ -727,7 +727,7 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]
 
 # --------------------------------------------------------------------------- building
 
-_SECTIONS: dict[str, type[BaseModel]] = {
+SECTIONS: dict[str, type[BaseModel]] = {
     "model": ModelConfig,
     "data": DataConfig,
     "augment": AugmentConfig,
@@ -748,7 +748,7 @@ def _resolve_defaults(raw: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"method.name: unknown method {name!r}; allowed: {sorted(METHOD_CONFIGS)}"
         )
-    for section in _SECTIONS:
+    for section in SECTIONS:
         if section in raw and not isinstance(raw[section], dict):
             raise ConfigError(f"'{section}' must be a mapping, got {raw[section]!r}")
     for section, values in METHOD_DEFAULTS.get(name, {}).items():
@@ -782,8 +782,8 @@ def _allowed_keys(loc: tuple[Any, ...], raw: dict[str, Any]) -> list[str] | None
         if model is Config and part == "method":
             name = node.get("method", {}).get("name") if isinstance(node, dict) else None
             model = METHOD_CONFIGS.get(name, SimCLRConfig)  # type: ignore[assignment]
-        elif part in _SECTIONS and model is Config:
-            model = _SECTIONS[part]
+        elif part in SECTIONS and model is Config:
+            model = SECTIONS[part]
         elif part in METHOD_CONFIGS:
             continue  # pydantic puts the union tag in the location
         else:

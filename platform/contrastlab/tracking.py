@@ -417,8 +417,9 @@ class TrialRun:
 
 
 # --------------------------------------------------------------------------- a training run's life
-# Shared by sweep trials (tune.py) and hand runs (`contrastlab train --tracking-uri`), so that
-# both land in MLflow the same way: params, per-epoch metrics, config, checkpoint, end state.
+# Shared by sweep trials (sweep/runner.py) and hand runs (`contrastlab train --tracking-uri`),
+# so that both land in MLflow the same way: params, per-epoch metrics, config, checkpoint, end
+# state.
 
 DIAGNOSIS_TAG = "contrastlab.diagnosis"
 """MLflow tag of a run: what :func:`contrastlab.evaluate.diagnose` said (a shortcut, a

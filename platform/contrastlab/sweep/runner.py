@@ -29,7 +29,7 @@ import yaml
 
 from contrastlab import tracking
 from contrastlab.config import ConfigError, make_config
-from contrastlab.spaces import SearchSpace, load_space
+from contrastlab.sweep.space import SearchSpace, load_space
 
 
 @dataclass(frozen=True)
@@ -72,14 +72,14 @@ _SMOKE_FIXED = (
     "method.skip_steps",
     "eval.",
 )
-_SMOKE_BASE: dict[str, Any] = {
+SMOKE_BASE: dict[str, Any] = {
     "data": {"dataset": "digits", "root": None, "image_size": 16, "max_train_samples": 256},
     "model": {"backbone": "convnet", "width": 8, "head_hidden_dim": 32, "proj_dim": 16},
     "augment": {"recipe": "digits"},
     "train": {"batch_size": 64, "device": "cpu", "precision": "fp32", "compile": False},
     "eval": {"knn_k": 20, "knn_every": 1, "num_patches": 4},
 }
-_SMOKE_METHOD: dict[str, dict[str, Any]] = {
+SMOKE_METHOD: dict[str, dict[str, Any]] = {
     "moco": {"queue_size": 256},
     "emp_ssl": {"num_patches": 4},
     "supcon": {"contrast_count": 2},
@@ -100,8 +100,8 @@ def smoke_space(space: SearchSpace, trials: int = 3, epochs: int = 2) -> SearchS
     base = {
         section: {k: v for k, v in values.items() if f"{section}.{k}" not in smaller.param_paths}
         for section, values in {
-            **_SMOKE_BASE,
-            "method": _SMOKE_METHOD.get(space.method, {}),
+            **SMOKE_BASE,
+            "method": SMOKE_METHOD.get(space.method, {}),
         }.items()
     }
     # conditional params whose parent was dropped would dangle: drop them as well
@@ -459,8 +459,8 @@ def open_sweep(
 ) -> SweepSettings:
     """Everything before Ray: check the store, pick the runner, create or find the parent run.
 
-    ``space`` is a :class:`~contrastlab.spaces.SearchSpace` or an
-    :class:`~contrastlab.ablate.AblationSpec` (anything with ``name``, ``path``, ``method``,
+    ``space`` is a :class:`~contrastlab.sweep.space.SearchSpace` or an
+    :class:`~contrastlab.sweep.ablation.AblationSpec` (anything with ``name``, ``path``, ``method``,
     ``metric``, ``mode``, ``epochs``, ``resources`` and ``config_for``).
     """
     storage_path = (

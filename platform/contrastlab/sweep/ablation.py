@@ -45,33 +45,33 @@ from typing import Any
 import yaml
 
 from contrastlab.config import Config, ConfigError
-from contrastlab.spaces import (
-    _MAX_SEED,
+from contrastlab.sweep.spec import (
+    MAX_SEED,
     METRIC_RANGES,
     Resources,
     SpaceError,
-    _as_list,
-    _build_config,
-    _check_top_keys,
-    _describe,
-    _int_at_least,
-    _is_finite_number,
-    _is_scalar,
-    _metric_errors,
-    _normalize_tuple,
-    _parse_base,
-    _parse_budget,
-    _parse_method_metric_mode,
-    _parse_resources,
-    _path_error,
-    _prefix_base,
-    _raise,
-    _resource_errors,
-    _short,
-    _show,
-    _tuple_args,
-    _UniqueKeyLoader,
-    _unknown,
+    UniqueKeyLoader,
+    as_list,
+    build_config,
+    check_top_keys,
+    describe,
+    int_at_least,
+    is_finite_number,
+    is_scalar,
+    metric_errors,
+    normalize_tuple,
+    parse_base,
+    parse_budget,
+    parse_method_metric_mode,
+    parse_resources,
+    path_error,
+    prefix_base,
+    raise_errors,
+    resource_errors,
+    short_error,
+    show_values,
+    tuple_args,
+    unknown_key,
 )
 
 RULES = ("linear", "sqrt")
@@ -153,7 +153,7 @@ class AblationSpec:
         return self.n_runs
 
     def _base_value(self, path: str) -> Any:
-        return _build_config(self.base, self.method, self.epochs, {}).flat()[path]
+        return build_config(self.base, self.method, self.epochs, {}).flat()[path]
 
     def _values(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The run's values with every coupled path filled in."""
@@ -176,10 +176,11 @@ class AblationSpec:
                 f"missing {missing}, unexpected {extra}"
             )
         try:
-            return _build_config(self.base, self.method, self.epochs, self._values(params))
+            return build_config(self.base, self.method, self.epochs, self._values(params))
         except ConfigError as e:
             raise AblationError(
-                f"{self.path}: the run {_show(dict(params))} gives an invalid config: {_short(e)}"
+                f"{self.path}: the run {show_values(dict(params))} gives an invalid config: "
+                f"{short_error(e)}"
             ) from None
 
     def grid(self) -> dict[str, Any]:
@@ -194,7 +195,7 @@ class AblationSpec:
         out: dict[str, Any] = {
             "method": self.method,
             "base": copy.deepcopy(self.base),
-            "factors": {p: _as_list(v) for p, v in self.factors},
+            "factors": {p: as_list(v) for p, v in self.factors},
             "seeds": list(self.seeds),
             "metric": self.metric,
             "mode": self.mode,
@@ -225,7 +226,7 @@ def load_ablation(path: str | Path) -> AblationSpec:
     if not path.is_file():
         raise AblationError(f"{path}: ablation spec file not found")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
     except (OSError, UnicodeDecodeError) as e:
         raise AblationError(f"{path}: cannot read the file: {e}") from None
     except yaml.YAMLError as e:
@@ -246,15 +247,15 @@ def ablation_from_dict(data: Any, path: str | Path = "<dict>") -> AblationSpec:
 
 
 def _validate(data: Any, path: Path, where: str) -> AblationSpec:
-    _check_top_keys(data, where, _TOP_KEYS, _REQUIRED)
+    check_top_keys(data, where, _TOP_KEYS, _REQUIRED)
     errs: list[str] = []
-    method, metric, mode = _parse_method_metric_mode(data, errs)
-    epochs = _parse_budget(data["budget"], errs)
-    concurrency = _int_at_least(data.get("concurrency", 1), 1, "concurrency", errs)
-    resources = _parse_resources(
+    method, metric, mode = parse_method_metric_mode(data, errs)
+    epochs = parse_budget(data["budget"], errs)
+    concurrency = int_at_least(data.get("concurrency", 1), 1, "concurrency", errs)
+    resources = parse_resources(
         data.get("resources", {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}), errs
     )
-    base = _parse_base(data.get("base"), method, epochs, errs)
+    base = parse_base(data.get("base"), method, epochs, errs)
     seeds = _parse_seeds(data["seeds"], errs)
     factors = _parse_factors(data["factors"], method, base, errs)
     _raise_ab(where, errs)
@@ -265,17 +266,17 @@ def _validate(data: Any, path: Path, where: str) -> AblationSpec:
     _raise_ab(where, errs)
 
     try:
-        base_cfg = _build_config(base, method, epochs, {})
+        base_cfg = build_config(base, method, epochs, {})
     except ConfigError as e:
-        raise AblationError(f"{where}: {_prefix_base(e)}") from None
+        raise AblationError(f"{where}: {prefix_base(e)}") from None
     if "train" in base and isinstance(base["train"], Mapping) and "seed" in base["train"]:
         errs.append("base.train.seed: the seeds of an ablation are set by `seeds`; remove it")
     for c in couplings:
-        if not _is_finite_number(base_cfg.flat()[c.target]):
+        if not is_finite_number(base_cfg.flat()[c.target]):
             errs.append(f"couple.{c.target}: must be a numeric config field to scale")
     searched = (*dict(factors), SEED_PATH)
-    errs.extend(_metric_errors(metric, mode, method, base_cfg, searched))
-    errs.extend(_resource_errors(resources, base_cfg, {}))
+    errs.extend(metric_errors(metric, mode, method, base_cfg, searched))
+    errs.extend(resource_errors(resources, base_cfg, {}))
     _raise_ab(where, errs)
 
     spec = AblationSpec(
@@ -301,17 +302,17 @@ def _validate(data: Any, path: Path, where: str) -> AblationSpec:
     # every cell must build a valid config (seeds do not change validity: use the first)
     for cell in spec.cells:
         try:
-            _build_config(base, method, epochs, spec._values({**cell, SEED_PATH: seeds[0]}))
+            build_config(base, method, epochs, spec._values({**cell, SEED_PATH: seeds[0]}))
         except ConfigError as e:
             raise AblationError(
-                f"{where}: the cell {_show(cell)} gives an invalid config: {_short(e)}"
+                f"{where}: the cell {show_values(cell)} gives an invalid config: {short_error(e)}"
             ) from None
     return spec
 
 
 def _raise_ab(where: str, errs: list[str]) -> None:
     try:
-        _raise(where, errs)
+        raise_errors(where, errs)
     except SpaceError as e:
         raise AblationError(str(e)) from None
 
@@ -329,12 +330,12 @@ def _parse_seeds(seeds: Any, errs: list[str]) -> list[int] | None:
     ):
         errs.append(
             f"seeds: must be a count (e.g. 3 -> seeds 0, 1, 2) or a non-empty list of integers, "
-            f"got {_describe(seeds)}"
+            f"got {describe(seeds)}"
         )
         return None
     if len(set(seeds)) != len(seeds):
         errs.append(f"seeds: contains duplicates: {seeds}")
-    if any(not 0 <= s <= _MAX_SEED for s in seeds):
+    if any(not 0 <= s <= MAX_SEED for s in seeds):
         errs.append(f"seeds: every seed must be in [0, 2**32 - 1], got {seeds}")
     return seeds
 
@@ -345,7 +346,7 @@ def _parse_factors(
     if not isinstance(factors, Mapping) or not 1 <= len(factors) <= 2:
         errs.append(
             "factors: must map one or two dotted config paths to lists of values, e.g. "
-            f"method.contrast_count: [2, 3, 4, 6]; got {_describe(factors)}"
+            f"method.contrast_count: [2, 3, 4, 6]; got {describe(factors)}"
         )
         return None
     out = []
@@ -354,19 +355,19 @@ def _parse_factors(
         if not isinstance(path, str):
             errs.append(f"factors: key {path!r} must be a dotted config path like optim.lr")
             continue
-        why = _path_error(path, method, "ablated")
+        why = path_error(path, method, "ablated")
         if why is None and path in ("train.epochs", SEED_PATH):
             why = "is set by budget.epochs / seeds, it cannot be a factor"
         if why is not None:
             errs.append(f"{key}: {why}")
             continue
         if not isinstance(values, list) or len(values) < 2:
-            errs.append(f"{key}: must be a list of at least 2 values, got {_describe(values)}")
+            errs.append(f"{key}: must be a list of at least 2 values, got {describe(values)}")
             continue
-        args = None if path.startswith("method.") and method is None else _tuple_args(path, method)
+        args = None if path.startswith("method.") and method is None else tuple_args(path, method)
         if args is not None:
             # a tuple field (augment.crop_scale, ...): each value is a list, e.g. [0.08, 1.0]
-            normalized = [_normalize_tuple(v, args) for v in values]
+            normalized = [normalize_tuple(v, args) for v in values]
             bad = [(v, why) for v, (t, why) in zip(values, normalized, strict=True) if t is None]
             if bad:
                 errs.append(
@@ -374,8 +375,8 @@ def _parse_factors(
                     "each value must be a list like [0.08, 1.0]"
                 )
                 continue
-            values = [_as_list(t) for t, _ in normalized]
-        elif not all(_is_scalar(v) for v in values):
+            values = [as_list(t) for t, _ in normalized]
+        elif not all(is_scalar(v) for v in values):
             errs.append(f"{key}: values must be numbers, strings, true/false or null: {values}")
             continue
         if len({repr(v) for v in values}) != len(values):
@@ -401,14 +402,14 @@ def _parse_couplings(
     if not isinstance(couple, Mapping):
         errs.append(
             "couple: must map a config path to {follows: <factor>, rule: linear|sqrt, "
-            f"reference: <number>}}, got {_describe(couple)}"
+            f"reference: <number>}}, got {describe(couple)}"
         )
         return []
     factor_paths = [p for p, _ in factors]
     out = []
     for target, spec in couple.items():
         key = f"couple.{target}"
-        why = _path_error(str(target), method, "coupled")
+        why = path_error(str(target), method, "coupled")
         if why is not None:
             errs.append(f"{key}: {why}")
             continue
@@ -420,7 +421,7 @@ def _parse_couplings(
             continue
         bad = [k for k in spec if k not in _COUPLE_KEYS]
         if bad:
-            errs.append(_unknown(f"{key}.{bad[0]}", str(bad[0]), _COUPLE_KEYS))
+            errs.append(unknown_key(f"{key}.{bad[0]}", str(bad[0]), _COUPLE_KEYS))
             continue
         follows, rule, ref = spec.get("follows"), spec.get("rule", "linear"), spec.get("reference")
         if follows not in factor_paths:
@@ -429,11 +430,11 @@ def _parse_couplings(
         if rule not in RULES:
             errs.append(f"{key}.rule: {rule!r}; allowed: {', '.join(RULES)}")
             continue
-        if not _is_finite_number(ref) or ref <= 0:
-            errs.append(f"{key}.reference: must be a number > 0, got {_describe(ref)}")
+        if not is_finite_number(ref) or ref <= 0:
+            errs.append(f"{key}.reference: must be a number > 0, got {describe(ref)}")
             continue
         values = dict(factors)[follows]
-        if not all(_is_finite_number(v) and v > 0 for v in values):
+        if not all(is_finite_number(v) and v > 0 for v in values):
             errs.append(f"{key}.follows: factor {follows} must have positive numeric values")
             continue
         # the base value (or the default) is what gets scaled; the resolved config shows it
@@ -470,12 +471,12 @@ def smoke_ablation(spec: AblationSpec, epochs: int = 2, seeds: int = 2) -> Ablat
     Factor values come from the spec's ``smoke`` section where the full values would not fit
     the tiny setting (e.g. queue sizes larger than the smoke dataset), else the first two.
     """
-    from contrastlab.tune import _SMOKE_BASE, _SMOKE_METHOD
+    from contrastlab.sweep.runner import SMOKE_BASE, SMOKE_METHOD
 
     data = spec.to_dict()
-    base = copy.deepcopy(_SMOKE_BASE)
+    base = copy.deepcopy(SMOKE_BASE)
     base["method"] = {
-        k: v for k, v in _SMOKE_METHOD.get(spec.method, {}).items() if k not in spec.factor_paths
+        k: v for k, v in SMOKE_METHOD.get(spec.method, {}).items() if k not in spec.factor_paths
     }
     for section, values in base.items():
         base[section] = {
@@ -523,7 +524,7 @@ def run_ablation(
 ) -> AblationOutcome:
     """Run every cell x seed on Ray Tune (a grid, no early stopping), then :func:`analyse`.
 
-    Args mirror :func:`contrastlab.tune.run_sweep`; ``out_dir`` (default
+    Args mirror :func:`contrastlab.sweep.runner.run_sweep`; ``out_dir`` (default
     ``<storage_path>/<name>/analysis``) receives the tables and plots; ``reference`` is the
     cell the others are compared with (see :func:`summarise`), checked before anything runs.
     """
@@ -533,7 +534,7 @@ def run_ablation(
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
-    from contrastlab.tune import finish_sweep, fit_tuner, init_ray, open_sweep
+    from contrastlab.sweep.runner import finish_sweep, fit_tuner, init_ray, open_sweep
 
     started = time.perf_counter()
     settings = open_sweep(
@@ -889,7 +890,7 @@ def plot_vs_factor(summary, table, factors: tuple[str, ...], value: str, title: 
     levels = [None] if len(factors) == 1 else list(dict.fromkeys(summary[factors[1]]))
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     xs_all = list(dict.fromkeys(summary[f1]))
-    numeric = all(_is_finite_number(x) for x in xs_all)
+    numeric = all(is_finite_number(x) for x in xs_all)
     log = numeric and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 4
 
     def xpos(v):

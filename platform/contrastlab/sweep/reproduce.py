@@ -64,7 +64,7 @@ def best_run(uri: str, name: str) -> str:
     Raises:
         ConfigError: ``name`` is neither, is an ablation, or has no finished sweep trial.
     """
-    from contrastlab.report import best_of_sweep, locate_sweep
+    from contrastlab.sweep.report import best_of_sweep, locate_sweep
 
     c = tracking.client(uri)
     found = locate_sweep(uri, name)

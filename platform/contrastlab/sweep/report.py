@@ -25,7 +25,8 @@ from typing import Any
 
 from contrastlab import tracking
 from contrastlab.config import ConfigError
-from contrastlab.spaces import SearchSpace, SpaceError, load_space
+from contrastlab.sweep.space import SearchSpace, load_space
+from contrastlab.sweep.spec import SpaceError
 
 
 @dataclass

@@ -1,0 +1,611 @@
+"""The parts every sweep spec shares: params, resources, metrics, budget checks, the YAML loader.
+
+A search space (:mod:`contrastlab.sweep.space`) and an ablation spec
+(:mod:`contrastlab.sweep.ablation`) are both YAML files naming a method, a base config, a metric
+and a budget. The checks they have in common, and the error wording (key, rule, "did you mean",
+what is allowed), live here so both formats say the same thing about the same mistake.
+
+This module imports neither torch nor Optuna, so a driver can validate specs cheaply.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+import re
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from contrastlab.config import METHOD_CONFIGS, SECTIONS, Config, ConfigError, make_config
+
+if TYPE_CHECKING:
+    import optuna
+
+
+REPORTED_METRICS = (
+    "loss",
+    "knn_top1",
+    "knn_top5",
+    "views_per_s",
+    "epoch_time_s",
+    "lr",
+    "moco_acc",
+    "tcr",
+    "invariance",
+    "cmc_acc",
+    "cpc_acc",
+    "rankme",
+    "alignment",
+    "uniformity",
+    "nuisance_r2",
+)
+"""Metrics the trainer reports every epoch (the ``metric`` a space may optimise)."""
+
+
+MODES = ("max", "min")
+
+
+KNN_METRICS = ("knn_top1", "knn_top5")
+
+
+# the label-free monitors (no labels needed): measured with the kNN monitor, when eval.label_free
+LABEL_FREE_METRICS = ("rankme", "alignment", "uniformity", "nuisance_r2")
+
+
+# metrics only some methods report
+METRIC_METHODS = {"moco_acc": ("moco",), "tcr": ("emp_ssl",), "invariance": ("emp_ssl",)}
+
+
+# metrics with an obvious direction: optimising the other way is a mistake
+METRIC_MODES = {
+    "loss": "min",
+    "knn_top1": "max",
+    "knn_top5": "max",
+    "views_per_s": "max",
+    "epoch_time_s": "min",
+    "moco_acc": "max",
+}
+
+
+# the contrastive tasks' top-1 accuracies of CMC (view to view) and CPC (patch to patch)
+METRIC_METHODS.update({"cmc_acc": ("cmc",), "cpc_acc": ("cpc",)})
+
+
+METRIC_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "loss": (None, None),  # EMP-SSL's loss subtracts TCR: no bound holds for every method
+    "knn_top1": (0.0, 100.0),  # percent
+    "knn_top5": (0.0, 100.0),
+    "views_per_s": (0.0, None),
+    "epoch_time_s": (0.0, None),
+    "lr": (0.0, None),
+    "moco_acc": (0.0, 1.0),  # fractions
+    "tcr": (None, None),
+    "invariance": (None, None),
+    "cmc_acc": (0.0, 1.0),
+    "cpc_acc": (0.0, 1.0),
+    "rankme": (1.0, None),  # exp(entropy) of the normalised singular values
+    "alignment": (0.0, 4.0),  # E||z1 - z2||^2 of unit vectors (evaluate.ALIGN_ALPHA = 2)
+    "uniformity": (-8.0, 0.0),  # [-4t, 0] with evaluate.UNIFORM_T = 2
+    "nuisance_r2": (None, 1.0),  # held-out R^2: 1 at best, unbounded below
+}
+"""``(low, high)`` each metric can take (None: unbounded on that side): interval estimates
+(ablation summaries) never leave it."""
+
+
+METRIC_MODES.update({"cmc_acc": "max", "cpc_acc": "max"})
+
+
+# a higher effective rank (no collapse), closer positives, a more even spread, and features
+# that predict less of the per-image colour are better; ASHA then stops collapsed trials
+METRIC_MODES.update(
+    {"rankme": "max", "alignment": "min", "uniformity": "min", "nuisance_r2": "min"}
+)
+
+
+RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker")
+
+
+MAX_SEED = 2**32 - 1  # numpy's seed range, which Optuna's samplers use
+
+
+class SpaceError(ConfigError):
+    """A search space is invalid. The message names the file, the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched config field.
+
+    Attributes:
+        path: Dotted config path, ``section.field`` (e.g. ``method.temperature``).
+        dist: One of :data:`DISTRIBUTIONS`.
+        low: Lower end (inclusive) for ``uniform``/``loguniform``/``int``, else ``None``.
+        high: Upper end (inclusive), as ``low``.
+        step: Grid step of an ``int`` param (``None`` = 1).
+        log: ``int`` sampled on a log scale (``loguniform`` is the float one).
+        choices: The values of a ``categorical`` param, else ``None``. For a tuple field
+            (``augment.crop_scale``, ``optim.betas``, ...) each choice is a tuple; Optuna, whose
+            choices must be scalars, sees each one as its label, the JSON list text
+            ``"[0.08, 1.0]"`` (:attr:`optuna_choices`, :meth:`encode`, :meth:`decode`).
+        when: ``{path: value}``: the param is sampled only when every listed path has that
+            value (a searched value, or the fixed one from ``base``/the config defaults).
+    """
+
+    path: str
+    dist: str
+    low: float | int | None = None
+    high: float | int | None = None
+    step: int | None = None
+    log: bool = False
+    choices: tuple[Any, ...] | None = None
+    when: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reference(self) -> Any:
+        """The value that stands for this param when another one is being checked."""
+        return self.choices[0] if self.choices is not None else self.low
+
+    @property
+    def ends(self) -> tuple[Any, ...]:
+        """Values checked on load: both range ends, or every choice."""
+        return self.choices if self.choices is not None else (self.low, self.high)
+
+    @property
+    def optuna_choices(self) -> list[Any]:
+        """The choices as Optuna sees them: each tuple choice as its label (see ``choices``)."""
+        return [choice_label(c) if isinstance(c, tuple) else c for c in self.choices or ()]
+
+    def decode(self, value: Any) -> Any:
+        """A value as Optuna gives it back (a tuple choice's label) -> the config value (a
+        list); anything else is returned as is."""
+        if isinstance(value, str) and self.choices is not None:
+            for c in self.choices:
+                if isinstance(c, tuple) and choice_label(c) == value:
+                    return as_list(c)
+        return value
+
+    def encode(self, value: Any) -> Any:
+        """A config value (e.g. a list read back from MLflow) -> the value Optuna knows: the
+        label of the tuple choice equal to it; anything else is returned as is."""
+        if isinstance(value, list | tuple) and self.choices is not None:
+            for c in self.choices:
+                if isinstance(c, tuple) and as_list(c) == as_list(value):
+                    return choice_label(c)
+        return value
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        """Draw this param from an Optuna trial (its name in Optuna is :attr:`path`).
+
+        Returns the config value: for a tuple field the chosen list (Optuna records its label).
+        """
+        if self.dist == "categorical":
+            return self.decode(trial.suggest_categorical(self.path, self.optuna_choices))
+        assert self.low is not None and self.high is not None
+        if self.dist == "int":
+            return trial.suggest_int(
+                self.path, int(self.low), int(self.high), step=self.step or 1, log=self.log
+            )
+        return trial.suggest_float(
+            self.path, float(self.low), float(self.high), log=self.dist == "loguniform"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The param's YAML form (the value of ``params.<path>``)."""
+        out: dict[str, Any] = {"dist": self.dist}
+        if self.choices is not None:
+            out["choices"] = [as_list(c) for c in self.choices]
+        else:
+            out["low"], out["high"] = self.low, self.high
+        if self.step is not None:
+            out["step"] = self.step
+        if self.log:
+            out["log"] = True
+        if self.when:
+            out["when"] = dict(self.when)
+        return out
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one trial reserves.
+
+    Attributes:
+        workers: Training processes per trial; more than 1 means a DDP ``TorchTrainer``.
+        cpus_per_worker: CPUs each worker reserves.
+        gpus_per_worker: GPUs each worker reserves; below 1, several trials share a GPU.
+    """
+
+    workers: int = 1
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resources' YAML form."""
+        return {
+            "workers": self.workers,
+            "cpus_per_worker": self.cpus_per_worker,
+            "gpus_per_worker": self.gpus_per_worker,
+        }
+
+
+def check_top_keys(
+    data: Any, where: str, top_keys: tuple[str, ...], required: tuple[str, ...]
+) -> None:
+    """A mapping with only known top-level keys and every required one (else SpaceError)."""
+    if data is None:
+        raise SpaceError(f"{where}: the file is empty; required keys: {', '.join(required)}")
+    if not isinstance(data, Mapping):
+        raise SpaceError(
+            f"{where}: top level must be a mapping with the required keys {', '.join(required)}, "
+            f"got {type(data).__name__}"
+        )
+    errs = [unknown_key(str(key), str(key), top_keys) for key in data if key not in top_keys]
+    errs += [
+        f"{key}: required key is missing; required: {', '.join(required)}"
+        for key in required
+        if key not in data
+    ]
+    raise_errors(where, errs)
+
+
+def parse_method_metric_mode(data: Mapping[str, Any], errs: list[str]) -> tuple[Any, Any, Any]:
+    """``method`` (None when unknown), ``metric`` and ``mode``, problems appended to ``errs``."""
+    method = data["method"]
+    if not isinstance(method, str) or method not in METHOD_CONFIGS:
+        errs.append(
+            f"method: unknown method {method!r}{did_you_mean(method, METHOD_CONFIGS)}; "
+            f"allowed: {', '.join(METHOD_CONFIGS)}"
+        )
+        method = None
+    metric = data["metric"]
+    if not isinstance(metric, str) or metric not in REPORTED_METRICS:
+        errs.append(
+            f"metric: {metric!r} is not a metric the trainer reports"
+            f"{did_you_mean(metric, REPORTED_METRICS)}; allowed: {', '.join(REPORTED_METRICS)}"
+        )
+    mode = data["mode"]
+    if not isinstance(mode, str) or mode not in MODES:
+        errs.append(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
+    return method, metric, mode
+
+
+def parse_budget(budget: Any, errs: list[str]) -> int | None:
+    if not isinstance(budget, Mapping):
+        errs.append(f"budget: must be a mapping like {{epochs: 100}}, got {budget!r}")
+        return None
+    for key in budget:
+        if key != "epochs":
+            errs.append(unknown_key(f"budget.{key}", str(key), ("epochs",)))
+    if "epochs" not in budget:
+        errs.append("budget.epochs: required key is missing (epochs per trial, the most ASHA runs)")
+        return None
+    return int_at_least(budget["epochs"], 1, "budget.epochs", errs)
+
+
+def parse_resources(res: Any, errs: list[str]) -> Resources:
+    if not isinstance(res, Mapping):
+        errs.append(
+            "resources: must be a mapping like {workers: 1, cpus_per_worker: 2, "
+            f"gpus_per_worker: 0.5}}, got {res!r}"
+        )
+        return Resources()
+    for key in res:
+        if key not in RESOURCE_KEYS:
+            errs.append(unknown_key(f"resources.{key}", str(key), RESOURCE_KEYS))
+    workers = int_at_least(res.get("workers", 1), 1, "resources.workers", errs)
+    cpus = res.get("cpus_per_worker", 1)
+    if not is_finite_number(cpus) or cpus <= 0:
+        errs.append(f"resources.cpus_per_worker: must be a number > 0, got {cpus!r}")
+        cpus = 1
+    gpus = res.get("gpus_per_worker", 0)
+    if not is_finite_number(gpus) or gpus < 0:
+        errs.append(f"resources.gpus_per_worker: must be a number >= 0, got {gpus!r}")
+        gpus = 0
+    elif gpus > 1 and gpus != int(gpus):
+        errs.append(
+            f"resources.gpus_per_worker: {gpus} is neither a fraction of one GPU nor a whole "
+            "number of GPUs; allowed: 0 to 1, or a whole number"
+        )
+    elif workers is not None and workers > 1 and 0 < gpus < 1:
+        errs.append(
+            f"resources.gpus_per_worker: {gpus} with workers: {workers} could put two DDP ranks "
+            "of one trial on the same GPU, which NCCL refuses; allowed with workers > 1: "
+            "a whole number of GPUs (or 0)"
+        )
+    return Resources(workers=workers or 1, cpus_per_worker=cpus, gpus_per_worker=gpus)
+
+
+def parse_base(
+    base: Any, method: str | None, epochs: int | None, errs: list[str]
+) -> dict[str, Any] | None:
+    if base is None:
+        return {}
+    if not isinstance(base, Mapping):
+        errs.append(f"base: must be a mapping of config sections, got {base!r}")
+        return None
+    base = copy.deepcopy(dict(base))
+    for key, value in base.items():
+        if not isinstance(key, str):
+            errs.append(f"base: key {key!r} must be a config section name")
+            return None
+        if value is not None and not isinstance(value, Mapping):
+            errs.append(f"base.{key}: must be a mapping of fields, got {describe(value)}")
+            return None
+    m = base.get("method")
+    if isinstance(m, Mapping) and "name" in m and method is not None and m["name"] != method:
+        errs.append(
+            f"base.method.name: {m['name']!r} contradicts method: {method}; the method is set "
+            "by the top-level `method` key: remove base.method.name"
+        )
+    t = base.get("train")
+    if isinstance(t, Mapping) and "epochs" in t and epochs is not None and t["epochs"] != epochs:
+        errs.append(
+            f"base.train.epochs: {t['epochs']!r} contradicts budget.epochs ({epochs}); the "
+            "budget sets the epochs of every trial: remove base.train.epochs"
+        )
+    return base
+
+
+def tuple_args(path: str, method: str | None) -> tuple[Any, ...] | None:
+    """The element types of a tuple-typed config field (``(float, float)``), else None."""
+    ann = field_annotation(path, method)
+    return typing.get_args(ann) if typing.get_origin(ann) is tuple else None
+
+
+def normalize_tuple(value: Any, args: tuple[Any, ...]) -> tuple[Any, None] | tuple[None, str]:
+    """``(value as nested tuples, None)`` if ``value`` fits a ``tuple[*args]`` field, else
+    ``(None, why)``. Float elements become floats, so [0.08, 1] and [0.08, 1.0] are equal.
+    """
+    if not isinstance(value, list | tuple):
+        return None, "not a list"
+    variable = len(args) == 2 and args[1] is Ellipsis
+    kinds = [args[0]] * len(value) if variable else list(args)
+    if len(kinds) != len(value):
+        return None, f"has {len(value)} values, not {len(args)}"
+    out: list[Any] = []
+    for v, kind in zip(value, kinds, strict=True):
+        if typing.get_origin(kind) is tuple:
+            inner, why = normalize_tuple(v, typing.get_args(kind))
+            if inner is None:
+                return None, f"{v!r} {why}"
+            out.append(inner)
+        elif kind is float:
+            if not is_finite_number(v):
+                return None, f"{v!r} is not a finite number"
+            out.append(float(v))
+        elif kind is int:
+            if not is_integer(v):
+                return None, f"{v!r} is not an integer"
+            out.append(v)
+        elif not is_scalar(v):
+            return None, f"{v!r} is not a scalar"
+        else:
+            out.append(v)
+    return tuple(out), None
+
+
+def choice_label(choice: tuple[Any, ...]) -> str:
+    """The label Optuna sees for a tuple choice: its JSON list text, as MLflow logs it."""
+    return json.dumps(as_list(choice))
+
+
+def as_list(x: Any) -> Any:
+    """Tuples (nested too) -> lists: the YAML and config form of a tuple value."""
+    return [as_list(v) for v in x] if isinstance(x, list | tuple) else x
+
+
+def path_error(path: str, method: str | None, what: str) -> str | None:
+    """Why ``path`` is not a config field of ``method`` that can be ``what``, else None."""
+    parts = path.split(".")
+    sections = ("method", *SECTIONS)
+    if len(parts) != 2 or not all(parts):
+        return f"must be section.field, e.g. method.temperature; sections: {', '.join(sections)}"
+    section, name = parts
+    if section == "method":
+        if method is None:
+            return None  # reported under `method`
+        if name == "name":
+            return "the method is set by the top-level `method` key, it cannot be " + what
+        fields = tuple(sorted(f for f in METHOD_CONFIGS[method].model_fields if f != "name"))
+        if name not in fields:
+            owners = [m for m, c in METHOD_CONFIGS.items() if name in c.model_fields]
+            owned = f" (a field of {', '.join(owners)})" if owners else ""
+            return (
+                f"method {method!r} has no field {name!r}{owned}{did_you_mean(name, fields)}; "
+                f"allowed: {', '.join(fields)}"
+            )
+        return None
+    if section not in SECTIONS:
+        hint = did_you_mean(section, sections)
+        return f"unknown section {section!r}{hint}; allowed: {', '.join(sections)}"
+    fields = tuple(sorted(SECTIONS[section].model_fields))
+    if name not in fields:
+        hint = did_you_mean(name, fields)
+        return f"{section} has no field {name!r}{hint}; allowed: {', '.join(fields)}"
+    if path == "train.epochs" and what == "searched":
+        return "the epochs of a trial are the budget: set budget.epochs instead"
+    return None
+
+
+def field_info(path: str, method: str | None) -> Any:
+    """The pydantic FieldInfo of a valid ``section.field`` path (``method`` known for
+    ``method.*`` paths)."""
+    section, name = path.split(".")
+    if section == "method":
+        assert method is not None
+        return METHOD_CONFIGS[method].model_fields[name]
+    return SECTIONS[section].model_fields[name]
+
+
+def field_annotation(path: str, method: str | None) -> Any:
+    return field_info(path, method).annotation
+
+
+def metric_errors(
+    metric: str, mode: str, method: str, base_cfg: Config, searched: tuple[str, ...]
+) -> list[str]:
+    errs = []
+    only = METRIC_METHODS.get(metric)
+    if only is not None and method not in only:
+        errs.append(
+            f"metric: {metric} is only reported by {', '.join(only)}, not {method}; allowed for "
+            f"{method}: "
+            + ", ".join(m for m in REPORTED_METRICS if method in METRIC_METHODS.get(m, (method,)))
+        )
+    better = METRIC_MODES.get(metric)
+    if better is not None and mode != better:
+        errs.append(
+            f"mode: {metric} is better when {'higher' if better == 'max' else 'lower'}; "
+            f"allowed: mode: {better}"
+        )
+    if metric in LABEL_FREE_METRICS:
+        if "eval.label_free" in searched:
+            errs.append(f"params.eval.label_free: cannot be searched with metric: {metric}")
+        elif not base_cfg.eval.label_free:
+            errs.append(
+                f"base.eval.label_free: is false, but metric: {metric} is a label-free monitor "
+                "that needs it; allowed: eval: {label_free: true}"
+            )
+    if metric in KNN_METRICS + LABEL_FREE_METRICS:
+        if "eval.knn_every" in searched:
+            errs.append(f"params.eval.knn_every: cannot be searched with metric: {metric}")
+        elif base_cfg.eval.knn_every != 1:
+            errs.append(
+                f"base.eval.knn_every: is {base_cfg.eval.knn_every}, but metric: {metric} must be "
+                "reported every epoch (the scheduler compares trials epoch by epoch); allowed: "
+                "eval: {knn_every: 1}"
+            )
+    return errs
+
+
+def resource_errors(res: Resources, base_cfg: Config, by_path: dict[str, Param]) -> list[str]:
+    errs = []
+    if res.gpus_per_worker == 0 and base_cfg.train.device == "cuda":
+        errs.append(
+            "resources.gpus_per_worker: is 0 but base.train.device is cuda; reserve GPUs or "
+            "allowed: train.device auto/cpu"
+        )
+    w = res.workers
+    if w > 1:
+        batch = by_path.get("train.batch_size")
+        if batch is None:
+            bad = [] if base_cfg.train.batch_size % w == 0 else [base_cfg.train.batch_size]
+        elif batch.dist == "categorical":
+            bad = [c for c in batch.choices or () if not is_integer(c) or c % w]
+        else:
+            low = int(batch.low or 0)
+            bad = [] if low % w == 0 and (batch.step or 1) % w == 0 else [low]
+        if bad:
+            errs.append(
+                f"train.batch_size: {', '.join(map(repr, bad))} is not divisible by "
+                f"resources.workers ({w}); the batch size is global and split over the workers"
+            )
+    return errs
+
+
+def build_config(
+    base: Mapping[str, Any], method: str, epochs: int, values: Mapping[str, Any]
+) -> Config:
+    raw = copy.deepcopy(dict(base))
+    raw["method"] = {**(raw.get("method") or {}), "name": method}
+    raw["train"] = {**(raw.get("train") or {}), "epochs": epochs}
+    for path, value in values.items():
+        section, name = path.split(".")
+        raw[section] = {**(raw.get(section) or {}), name: value}
+    return make_config(raw)
+
+
+def raise_errors(where: str, errs: list[str]) -> None:
+    if not errs:
+        return
+    if len(errs) == 1:
+        raise SpaceError(f"{where}: {errs[0]}")
+    raise SpaceError(f"{where}: {len(errs)} problems:\n  " + "\n  ".join(errs))
+
+
+def short_error(err: ConfigError) -> str:
+    """A ConfigError's lines on one line, without the 'invalid config:' header."""
+    lines = [ln.strip() for ln in str(err).splitlines()]
+    lines = [ln for ln in lines if ln and ln != "invalid config:"]
+    return "; ".join(lines)
+
+
+def prefix_base(err: ConfigError) -> str:
+    """A ConfigError about ``base``, each key prefixed with ``base.``."""
+    lines = [ln.strip() for ln in str(err).splitlines()]
+    lines = [ln for ln in lines if ln and ln != "invalid config:"]
+    out = [f"base.{ln}" if re.match(r"[\w.]+[: ]", ln) else f"base: {ln}" for ln in lines]
+    return out[0] if len(out) == 1 else "invalid base config: " + "; ".join(out)
+
+
+def unknown_key(key: str, name: str, allowed: Iterable[str]) -> str:
+    allowed = tuple(allowed)
+    return f"{key}: unknown key{did_you_mean(name, allowed)}; allowed: {', '.join(allowed)}"
+
+
+def did_you_mean(name: Any, allowed: Iterable[str]) -> str:
+    if not isinstance(name, str):
+        return ""
+    close = difflib.get_close_matches(name, list(allowed), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def int_at_least(value: Any, least: int, key: str, errs: list[str]) -> int | None:
+    if not is_integer(value) or value < least:
+        errs.append(f"{key}: must be an integer >= {least}, got {describe(value)}")
+        return None
+    return value
+
+
+def is_integer(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_finite_number(x: Any) -> bool:
+    if not isinstance(x, int | float) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
+def is_scalar(x: Any) -> bool:
+    if x is None or isinstance(x, str | bool | int):
+        return True
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def describe(x: Any) -> str:
+    return f"{x!r} ({type(x).__name__})"
+
+
+def show_values(values: Mapping[str, Any]) -> str:
+    # tuple values (a tuple field's choices) as the lists the YAML has
+    return "{" + ", ".join(f"{k}: {as_list(v)!r}" for k, v in values.items()) + "}"
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects a key given twice in one mapping (else the last wins)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found the key {key!r} twice",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
