@@ -16,7 +16,7 @@ data.dataset=parquet --set data.root=OUT/data/<task>/train --set
 data.test_root=OUT/data/<task>/test --set data.image_size=32`` plus the run's overrides would:
 
 * ``defaults``: the method's defaults plus the small-data settings of
-  ``contrastlab.methods.SMALL_DATA``;
+  each method config's ``small_data``;
 * ``recipe``: the same plus the task's augmentation recipe, :data:`RECIPES` (or
   ``--recipes FILE``, a YAML mapping ``task: [override, ...]`` that replaces those tasks').
 
@@ -45,10 +45,10 @@ from typing import Any
 import torch
 import yaml
 
-from contrastlab.config import ConfigError, apply_overrides, make_config
+from contrastlab.config import METHOD_CONFIGS, ConfigError, apply_overrides, make_config
 from contrastlab.data import load_dataset
 from contrastlab.data.tasks import KNN, TASKS, TEST_SIZE, get_task, raw_pixel_knn, write_task
-from contrastlab.methods import METHODS, SMALL_DATA
+from contrastlab.methods import METHODS
 from contrastlab.naive import naive_simclr
 from contrastlab.train import train
 
@@ -189,7 +189,11 @@ def run_overrides(
 ) -> tuple[str, ...]:
     """The overrides that make a run differ from the method's defaults: the small-data
     settings, the table's own ``--set`` values, then (variant ``recipe``) the task's recipe."""
-    return (*SMALL_DATA[method], *sets, *(recipes[task] if variant == "recipe" else ()))
+    return (
+        *METHOD_CONFIGS[method].small_data,
+        *sets,
+        *(recipes[task] if variant == "recipe" else ()),
+    )
 
 
 def run_config(method: str, overrides: Sequence[str], data_dir: Path, run_name: str, args):
@@ -323,7 +327,7 @@ def render_table(
         f"{NOT_ABOVE_PIXELS}: not above kNN on raw pixels; —: not run (yet).",
         f"- Tune tasks (recipes and defaults may be chosen on them): {', '.join(tune) or 'none'}."
         f" Report tasks (held out, only measured): {', '.join(report) or 'none'}.",
-        "- defaults: the method's defaults + `contrastlab.methods.SMALL_DATA`; recipe: the "
+        "- defaults: the method's defaults + its config class's `small_data`; recipe: the "
         "same + the task's recipe (below); best of sweep: a new-dataset sweep's best run, "
         "when given (`--sweep-results`). SupCon uses the labels (a supervised reference). The "
         "naive loop is `contrastlab.naive.naive_simclr` with its defaults.",

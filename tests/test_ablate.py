@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from contrastlab import evaluate, tracking
-from contrastlab.config import ConfigError
+from contrastlab.config import ConfigError, reported_metrics
 from contrastlab.sweep.ablation import (
     AblationError,
     _cell_value,
@@ -21,12 +21,12 @@ from contrastlab.sweep.ablation import (
     format_summary,
     load_ablation,
     mean_interval,
+    metric_range,
     plot_vs_factor,
     run_ablation,
     smoke_ablation,
     summarise,
 )
-from contrastlab.sweep.spec import METRIC_RANGES, REPORTED_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = find_ablations(ROOT / "search_spaces" / "ablations")
@@ -268,10 +268,13 @@ def test_bounded_metrics_keep_their_intervals_inside_the_range():
     assert s["interval"].iloc[0].endswith("cut to the metric's range [0, 100]")
     unbounded = summarise(table, ("f",), "v")
     assert unbounded["ci95_high"].iloc[0] > 100  # what the cut removes
-    # every bound of a reported metric is stated, and matches the monitors' definitions
-    assert set(METRIC_RANGES) == set(REPORTED_METRICS)
-    assert METRIC_RANGES["alignment"] == (0.0, 2.0**evaluate.ALIGN_ALPHA)
-    assert METRIC_RANGES["uniformity"] == (-4 * evaluate.UNIFORM_T, 0.0)
+    # the bounds of the reported metrics match the monitors' definitions
+    assert metric_range("alignment") == (0.0, 2.0**evaluate.ALIGN_ALPHA)
+    assert metric_range("uniformity") == (-4 * evaluate.UNIFORM_T, 0.0)
+    assert metric_range("knn_top1") == (0.0, 100.0) and metric_range("moco_acc") == (0.0, 1.0)
+    assert metric_range("not_a_metric") == (None, None)
+    bounded = [m for m in reported_metrics().values() if None not in (m.low, m.high)]
+    assert bounded and all(m.low < m.high for m in bounded)
 
 
 def test_the_paired_difference_recovers_a_known_difference():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from contrastlab.config import METHOD_CONFIGS
 from contrastlab.methods import METHODS, build_method
 from contrastlab.models import MomentumEncoder, Queue
 from contrastlab.train import Trainer
@@ -21,6 +22,13 @@ def test_every_method_trains_one_step(name):
     loss, metrics = trainer.method.training_step(views, labels, torch.arange(64))
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert all(torch.isfinite(v) for v in metrics.values())
+    # what the step reports is what its config class declares (sweeps validate against it)
+    reports = METHOD_CONFIGS[name].reports
+    assert set(metrics) == {"loss", *reports}
+    for key, m in reports.items():
+        assert (m.low is None or m.low <= metrics[key]) and (
+            m.high is None or metrics[key] <= m.high
+        )
     trainer.optimizer.zero_grad()
     loss.backward()
     trainer.optimizer.step()

@@ -15,7 +15,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from contrastlab.config import Config, ConfigError
+from contrastlab.config import Config, ConfigError, reported_metrics
 from contrastlab.methods import METHODS
 from contrastlab.sweep.space import (
     DISTRIBUTIONS,
@@ -24,7 +24,7 @@ from contrastlab.sweep.space import (
     load_space,
     space_from_dict,
 )
-from contrastlab.sweep.spec import REPORTED_METRICS, Param, SpaceError
+from contrastlab.sweep.spec import Param, SpaceError
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = ROOT / "search_spaces"
@@ -81,7 +81,7 @@ def test_find_spaces_finds_the_shipped_files_and_skips_underscored(tmp_path):
 def test_shipped_space_samples_valid_configs(path):
     space = load_space(path)
     assert space.name == path.stem and space.path == path
-    assert space.metric in REPORTED_METRICS
+    assert space.metric in reported_metrics()
     assert 1 <= space.scheduler.grace_period <= space.epochs
     by_path = {p.path: p for p in space.params}
     for params in _sample(space, 10):

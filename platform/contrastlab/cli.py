@@ -110,7 +110,6 @@ def apply_sets(spec, overrides: list[str], kind: str):
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    import os
 
     from contrastlab.sweep.runner import run_sweep, smoke_space
     from contrastlab.sweep.space import load_space
@@ -126,19 +125,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     }
     if changes:
         space = space.with_overrides(**changes)
-    storage = args.storage_path or os.environ.get("CONTRASTLAB_STORAGE", "sweeps")
-    out = run_sweep(
-        space,
-        name=args.name,
-        storage_path=storage,
-        tracking_uri=args.tracking_uri,
-        experiment=args.experiment,
-        resume=args.resume,
-        optuna_storage=args.optuna_storage,
-        runner=args.runner,
-        max_failures=args.max_failures,
-        reuse_actors=args.reuse_actors,
-    )
+    out = run_sweep(space, _sweep_options(args), optuna_storage=args.optuna_storage)
     print(
         f"\nsweep {out.name}: {len(out.trials)} trials in {out.wall_s:.0f} s "
         f"(MLflow parent run {out.parent_run_id})"
@@ -159,6 +146,24 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep_options(args: argparse.Namespace):
+    """The run options ``contrastlab sweep`` and ``contrastlab ablate`` share."""
+    import os
+
+    from contrastlab.sweep.spec import SweepOptions
+
+    return SweepOptions(
+        name=args.name,
+        storage_path=args.storage_path or os.environ.get("CONTRASTLAB_STORAGE", "sweeps"),
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        resume=args.resume,
+        runner=args.runner,
+        max_failures=args.max_failures,
+        reuse_actors=args.reuse_actors,
+    )
+
+
 def _reference(texts: list[str]) -> dict[str, object] | None:
     """``--reference FACTOR=VALUE ...`` as ``{factor: value}`` (None: the first cell)."""
     from contrastlab.config import parse_override
@@ -169,7 +174,6 @@ def _reference(texts: list[str]) -> dict[str, object] | None:
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
-    import os
 
     from contrastlab.sweep.ablation import (
         format_summary,
@@ -187,19 +191,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         f"{spec.n_runs} runs of {spec.epochs} epochs",
         flush=True,
     )
-    storage = args.storage_path or os.environ.get("CONTRASTLAB_STORAGE", "sweeps")
     out = run_ablation(
-        spec,
-        name=args.name,
-        storage_path=storage,
-        tracking_uri=args.tracking_uri,
-        experiment=args.experiment,
-        resume=args.resume,
-        runner=args.runner,
-        max_failures=args.max_failures,
-        out_dir=args.out,
-        reuse_actors=args.reuse_actors,
-        reference=_reference(args.reference),
+        spec, _sweep_options(args), out_dir=args.out, reference=_reference(args.reference)
     )
     value = f"final_{spec.metric}"
     print(

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib
 import math
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 
 class ConfigError(ValueError):
@@ -35,19 +38,116 @@ class _Strict(BaseModel):
 # --------------------------------------------------------------------------- methods
 
 
-class SimCLRConfig(_Strict):
+class Metric(NamedTuple):
+    """A metric the trainer reports every epoch.
+
+    Attributes:
+        mode: ``"max"`` or ``"min"``, the direction in which it is better (a sweep optimising it
+            the other way is refused), or ``None`` where no direction is obvious.
+        low: The least value it can take, ``None`` if unbounded below; interval estimates
+            (ablation summaries) never leave ``[low, high]``.
+        high: The largest value, ``None`` if unbounded above.
+    """
+
+    mode: Literal["max", "min"] | None
+    low: float | None
+    high: float | None
+
+
+TRAINER_METRICS: dict[str, Metric] = {
+    "loss": Metric("min", None, None),  # EMP-SSL's loss subtracts TCR: no bound holds for all
+    "knn_top1": Metric("max", 0.0, 100.0),  # percent
+    "knn_top5": Metric("max", 0.0, 100.0),
+    "views_per_s": Metric("max", 0.0, None),
+    "epoch_time_s": Metric("min", 0.0, None),
+    "lr": Metric(None, 0.0, None),
+}
+"""What every run reports, whatever the method (the kNN monitor's accuracies among them)."""
+
+LABEL_FREE_METRICS: dict[str, Metric] = {
+    # a higher effective rank (no collapse), closer positives, a more even spread, and features
+    # that predict less of the per-image colour are better; ASHA then stops collapsed trials
+    "rankme": Metric("max", 1.0, None),  # exp(entropy) of the normalised singular values
+    "alignment": Metric("min", 0.0, 4.0),  # E||z1 - z2||^2 of unit vectors (ALIGN_ALPHA = 2)
+    "uniformity": Metric("min", -8.0, 0.0),  # [-4t, 0] with evaluate.UNIFORM_T = 2
+    "nuisance_r2": Metric("min", None, 1.0),  # held-out R^2: 1 at best, unbounded below
+}
+"""The label-free monitors (``eval.label_free``), measured with the kNN monitor."""
+
+
+class MethodConfig(_Strict):
+    """Base of every method's config class: its fields, and what the platform derives from it.
+
+    A method's knowledge lives on its config class, once; sweeps, smoke tests, benchmarks and
+    tables read it from the registry (:data:`METHOD_CONFIGS`, :func:`register_method_config`):
+
+    * ``reference``: the paper and the upstream code it follows.
+    * ``reports``: metrics its training step reports besides ``loss`` (name -> :class:`Metric`).
+    * ``defaults``: ``{section: {field: value}}`` that follow from the method (its upstream
+      recipe), filled in before validation wherever the user set nothing, and saved concretely.
+    * ``small_data``: ``--set`` overrides for training sets of a few thousand images or fewer.
+    * ``tiny``: its fields in the tiny setting (:data:`TINY`: tests, smoke sweeps and ablations,
+      smoke benchmarks), and ``smoke_fixed``: the fields a smoke sweep fixes at those values
+      instead of searching them (sizes that would not fit 256 tiny images).
+    * :meth:`check`: its rules across sections; :meth:`fit_batch`: the sizes a batch size needs.
+    """
+
+    name: str
+    reference: ClassVar[str] = ""
+    reports: ClassVar[dict[str, Metric]] = {}
+    defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    small_data: ClassVar[tuple[str, ...]] = ()
+    tiny: ClassVar[dict[str, Any]] = {}
+    smoke_fixed: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def views_per_sample(self) -> int:
+        """Augmented views the method draws per image each step."""
+        raise NotImplementedError(f"{type(self).__name__} must define views_per_sample")
+
+    @classmethod
+    def resolve_defaults(cls, raw: dict[str, Any]) -> None:
+        """Fill :attr:`defaults` into the raw config, in place, where nothing is set."""
+        for section, values in cls.defaults.items():
+            target = raw.setdefault(section, {})
+            for key, value in values.items():
+                target.setdefault(key, value)
+
+    def check(self, cfg: Config) -> None:  # noqa: B027 (most methods have no such rule)
+        """Rules between this method's fields and the rest of ``cfg``: raise ``ValueError``
+        naming the keys and what is allowed."""
+
+    @classmethod
+    def fit_batch(cls, batch_size: int, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Method fields to change so that a run with ``batch_size`` validates, given the
+        fields set so far (``{}``: none; MoCo's queue must be a multiple of the batch)."""
+        return {}
+
+
+def _in_batch_negatives(cfg: Config) -> None:
+    if cfg.train.batch_size < 2:
+        raise ValueError("train.batch_size must be >= 2 for in-batch negatives")
+
+
+class SimCLRConfig(MethodConfig):
     """SimCLR: NT-Xent over ``n_views`` augmented views of each image."""
 
     name: Literal["simclr"] = "simclr"
+    reference = "Chen et al. 2020 (arXiv:2002.05709); google-research/simclr"
     temperature: float = Field(0.5, gt=0, description="softmax temperature tau")
     n_views: int = Field(2, ge=2, description="augmented views per image")
+
+    smoke_fixed = ("n_views",)
+
+    def check(self, cfg: Config) -> None:
+        _in_batch_negatives(cfg)
 
     @property
     def views_per_sample(self) -> int:
         return self.n_views
 
 
-class SupConConfig(_Strict):
+class SupConConfig(MethodConfig):
     """Supervised contrastive loss (Khosla et al. 2020), ``contrast_count`` views per image.
 
     ``base_temperature``: SupContrast multiplies the loss by ``temperature / base_temperature``
@@ -55,21 +155,31 @@ class SupConConfig(_Strict):
     """
 
     name: Literal["supcon"] = "supcon"
+    reference = "Khosla et al. 2020 (arXiv:2004.11362); HobbitLong/SupContrast"
     temperature: float = Field(0.1, gt=0)
     contrast_count: int = Field(2, ge=2, description="augmented views per image")
     base_temperature: float | None = Field(
         None, gt=0, description="if set, loss is scaled by temperature / base_temperature"
     )
 
+    tiny = {"contrast_count": 2}
+    smoke_fixed = ("contrast_count",)
+
+    def check(self, cfg: Config) -> None:
+        _in_batch_negatives(cfg)
+
     @property
     def views_per_sample(self) -> int:
         return self.contrast_count
 
 
-class MoCoConfig(_Strict):
+class MoCoConfig(MethodConfig):
     """MoCo v1/v2: InfoNCE against a queue of K negatives from a momentum key encoder."""
 
     name: Literal["moco"] = "moco"
+    reference = (
+        "He et al. 2019, Chen et al. 2020 (arXiv:1911.05722, 2003.04297); facebookresearch/moco"
+    )
     variant: Literal["v1", "v2"] = "v2"
     temperature: float = Field(0.2, gt=0)
     queue_size: int = Field(4096, ge=1, description="K, number of queued negative keys")
@@ -95,26 +205,77 @@ class MoCoConfig(_Strict):
         ),
     )
 
+    reports = {"moco_acc": Metric("max", 0.0, 1.0)}  # the queue task's top-1, a fraction
+    # K must stay well below the training images, or the queue holds the positives
+    small_data = ("method.queue_size=1024",)
+    tiny = {"queue_size": 256}
+    smoke_fixed = ("queue_size",)
+
+    @classmethod
+    def resolve_defaults(cls, raw: dict[str, Any]) -> None:
+        super().resolve_defaults(raw)
+        if raw["method"].get("variant", "v2") == "v1":
+            raw.setdefault("model", {}).setdefault("head", "linear")  # v1: linear 128-d
+
+    @classmethod
+    def fit_batch(cls, batch_size: int, fields: Mapping[str, Any]) -> dict[str, Any]:
+        queue = fields.get("queue_size", cls.model_fields["queue_size"].default)
+        return {"queue_size": batch_size * max(1, math.ceil(queue / batch_size))}
+
+    def check(self, cfg: Config) -> None:
+        batch = cfg.train.batch_size
+        if self.queue_size % batch != 0:
+            raise ValueError(
+                f"method.queue_size ({self.queue_size}) must be a multiple of train.batch_size "
+                f"({batch}) so that each step replaces whole queue slots"
+            )
+        if self.bn_mode == "shuffle" and (batch % self.bn_splits or batch < 2 * self.bn_splits):
+            raise ValueError(
+                f"method.bn_splits ({self.bn_splits}) must divide train.batch_size "
+                f"({batch}) into BatchNorm groups of at least 2 images "
+                "(method.bn_mode='shuffle'); lower method.bn_splits or set method.bn_mode='none'"
+            )
+
     @property
     def views_per_sample(self) -> int:
         return 2
 
 
-class EMPSSLConfig(_Strict):
+class EMPSSLConfig(MethodConfig):
     """EMP-SSL (Tong et al. 2023): many fixed-scale patches, Total Coding Rate + invariance."""
 
     name: Literal["emp_ssl"] = "emp_ssl"
+    reference = "Tong et al. 2023 (arXiv:2304.03977); tsb0601/EMP-SSL"
     num_patches: int = Field(20, ge=2, description="fixed-scale crops per image")
     eps: float = Field(0.2, gt=0, description="TCR distortion eps in logdet(I + d/(b*eps) ZZ^T)")
     invariance_weight: float = Field(200.0, ge=0, description="weight of the cosine term")
     tcr_weight: float = Field(1.0, ge=0, description="weight of the (negated) TCR term")
+
+    reports = {"tcr": Metric(None, None, None), "invariance": Metric(None, None, None)}
+    # EMP-SSL balances invariance_weight=200 against the coding rate of a 1024-d projection
+    # and trains with LARS. With a 128-d head and plain SGD the invariance term dominates and
+    # the embedding collapses (on digits: TCR 56 -> 13, kNN below the random encoder); with
+    # these it learns (docs/methods.md). It is a few-epoch method (10 epochs by default) with
+    # its own augmentation recipe (fixed-scale patches).
+    defaults = {
+        "model": {"proj_dim": 1024},
+        "optim": {"name": "lars", "weight_decay": 1e-4},
+        "train": {"epochs": 10},
+        "eval": {"feature": "patch_avg"},
+        "augment": {"recipe": "emp_ssl"},
+    }
+    # 8 patches per image instead of 20: EMP-SSL's step costs num_patches forward passes, and
+    # small sets are for many short CPU runs
+    small_data = ("method.num_patches=8",)
+    tiny = {"num_patches": 4}
+    smoke_fixed = ("num_patches",)
 
     @property
     def views_per_sample(self) -> int:
         return self.num_patches
 
 
-class InstDiscConfig(_Strict):
+class InstDiscConfig(MethodConfig):
     """InstDisc (Wu et al. 2018): one view per image against a memory bank of every image.
 
     ``nce_k > 0``: NCE with ``nce_k`` noise rows per image drawn uniformly from the bank and a
@@ -124,6 +285,7 @@ class InstDiscConfig(_Strict):
     """
 
     name: Literal["instdisc"] = "instdisc"
+    reference = "Wu et al. 2018 (arXiv:1805.01978); zhirongw/lemniscate.pytorch"
     temperature: float = Field(0.07, gt=0, description="softmax temperature tau (paper: 0.07)")
     nce_k: int = Field(
         4096, ge=0, description="NCE noise samples per image (paper: 4096); 0 = full softmax"
@@ -146,18 +308,32 @@ class InstDiscConfig(_Strict):
         "found no value named for its reported runs, and upstream omits the term): 0 = off",
     )
 
+    reports = {
+        "proximal": Metric(None, 0.0, None),  # ||f_i - v_i||^2 of the L2-normalised features
+        "log_z": Metric(None, None, None),  # log of the NCE normaliser Z
+    }
+    # the backbone's fc is one linear layer to 128-d (then L2 norm), as upstream's ResNet
+    defaults = {"model": {"head": "linear"}}
+    # nce_k below the training images; Z re-estimated every batch, because with the paper's
+    # first-batch Z the small bank fills with look-alike rows of the young encoder and NCE
+    # collapses (digits: kNN 85.5% -> 22-46%); SGD lr 0.03 as upstream's ImageNet script
+    small_data = ("method.nce_k=1024", "method.z_estimate=every_batch", "optim.lr=0.03")
+    tiny = {"nce_k": 64}  # below the 256 tiny training images
+    smoke_fixed = ("nce_k",)
+
     @property
     def views_per_sample(self) -> int:
         return 1
 
 
-class CMCConfig(_Strict):
+class CMCConfig(MethodConfig):
     """CMC (Tian et al. 2019): one encoder per channel group (view) of a colour space, in-batch
     InfoNCE between the views' embeddings. Input normalisation happens after the colour
     conversion, inside the method, so ``augment.normalize`` must be false (the default for cmc).
     """
 
     name: Literal["cmc"] = "cmc"
+    reference = "Tian et al. 2019 (arXiv:1906.05849); HobbitLong/CMC"
     colorspace: Literal["lab", "ycbcr", "rgb"] = Field(
         "lab", description="colour space the RGB image is converted to before the channel split"
     )
@@ -183,6 +359,30 @@ class CMCConfig(_Strict):
         "is cut from its own augmented crop",
     )
 
+    reports = {"cmc_acc": Metric("max", 0.0, 1.0)}  # view-to-view top-1, a fraction
+    # It converts raw [0, 1] RGB to its colour space and normalises there, so the augmentation
+    # must not normalise. Upstream's L/ab recipe is crop + flip only: no colour jitter, and no
+    # grayscale or blur (a grayscale image has a constant ab view).
+    # Its kNN monitor is smaller: one crop through two half-width encoders makes a CMC epoch
+    # 3-4x cheaper than SimCLR's, and the default 10000 + 2000 monitor images cost 9.8% of a
+    # CIFAR-10 epoch (bench, CPU); 4000 + 1000 cost 3.9-4.3%, under the 5% budget. Its
+    # knn_full_* at the end still uses every image, so final numbers compare across methods.
+    defaults = {
+        "augment": {"normalize": False, "jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0},
+        "eval": {"monitor_train_size": 4000, "monitor_test_size": 1000},
+    }
+    # split R | GB, each view from its own crop: Lab's ab view is constant on gray images
+    # (digits, position), and one shared crop would give two identical gray views
+    small_data = ("method.colorspace=rgb", "method.shared_crop=false")
+    tiny = {"colorspace": "rgb"}  # digits are gray: Lab's ab view would be constant
+
+    def check(self, cfg: Config) -> None:
+        if cfg.augment.normalize:
+            raise ValueError(
+                "augment.normalize must be false for method.name='cmc': the method converts raw "
+                "[0, 1] RGB to method.colorspace and normalises its channels itself"
+            )
+
     @model_validator(mode="after")
     def _check_views(self) -> CMCConfig:
         if len(self.views) < 2:
@@ -204,7 +404,7 @@ class CMCConfig(_Strict):
         return 1 if self.shared_crop else len(self.views)
 
 
-class CPCConfig(_Strict):
+class CPCConfig(MethodConfig):
     """CPC v2-style for images (Henaff et al. 2019): a grid of overlapping patches, a causal
     context network down the rows, InfoNCE on the encodings of the rows below.
 
@@ -213,6 +413,10 @@ class CPCConfig(_Strict):
     """
 
     name: Literal["cpc"] = "cpc"
+    reference = (
+        "Henaff et al. 2019, van den Oord et al. 2018 (arXiv:1905.09272, 1807.03748); "
+        "CPC v2 appendix pseudo-code, Lightning-Universe/lightning-bolts"
+    )
     patch_size: int = Field(8, ge=1, description="side of the square patches, in pixels")
     patch_stride: int = Field(4, ge=1, description="pixels between neighbouring patches")
     prediction_steps: int = Field(
@@ -241,6 +445,20 @@ class CPCConfig(_Strict):
         False, description="L2-normalise predictions and targets first (cosine logits; not v2)"
     )
 
+    reports = {"cpc_acc": Metric("max", 0.0, 1.0)}  # patch-to-patch top-1, a fraction
+    # v2 scores predictions against a linear 64-d projection of each patch encoding
+    defaults = {"model": {"head": "linear", "proj_dim": 64}}
+    # a small patch grid needs no 5-block context stack; at SGD lr 0.3 the digits kNN stalls
+    # near the random encoder's 71.7% (74.6% best) while the task is solved
+    small_data = ("method.context_layers=2", "method.context_hidden_dim=128", "optim.lr=0.03")
+    # the 16 px tiny images make a 3-row patch grid; a narrow context network, as the default
+    # one dwarfs the width-8 encoder
+    tiny = {"prediction_steps": 2, "skip_steps": 0, "context_layers": 2, "context_hidden_dim": 32}
+    smoke_fixed = ("prediction_steps", "skip_steps")
+
+    def check(self, cfg: Config) -> None:
+        _check_cpc_grid(self, cfg.data.image_size)
+
     @model_validator(mode="after")
     def _check_steps(self) -> CPCConfig:
         if self.skip_steps >= self.prediction_steps:
@@ -255,10 +473,11 @@ class CPCConfig(_Strict):
         return 1
 
 
-class InvaSpreadConfig(_Strict):
+class InvaSpreadConfig(MethodConfig):
     """Invariance propagation / spreading instance feature (Ye et al. 2019), two views."""
 
     name: Literal["invaspread"] = "invaspread"
+    reference = "Ye et al. 2019 (arXiv:1904.03436); mangye16/Unsupervised_Embedding_Learning"
     temperature: float = Field(0.1, gt=0, description="softmax temperature tau (paper: 0.1)")
     detach_other: bool = Field(
         True,
@@ -266,32 +485,103 @@ class InvaSpreadConfig(_Strict):
         "other side is detached (upstream's feat.data); false: to both sides",
     )
 
+    # the backbone's fc is one linear layer to 128-d (then L2 norm), as upstream's ResNet
+    defaults = {"model": {"head": "linear"}}
+
     @property
     def views_per_sample(self) -> int:
         return 2
 
 
-MethodConfig = Annotated[
-    SimCLRConfig
-    | SupConConfig
-    | MoCoConfig
-    | EMPSSLConfig
-    | InstDiscConfig
-    | InvaSpreadConfig
-    | CMCConfig
-    | CPCConfig,
-    Field(discriminator="name"),
-]
-METHOD_CONFIGS: dict[str, type[_Strict]] = {
-    "simclr": SimCLRConfig,
-    "supcon": SupConConfig,
-    "moco": MoCoConfig,
-    "emp_ssl": EMPSSLConfig,
-    "instdisc": InstDiscConfig,
-    "invaspread": InvaSpreadConfig,
-    "cmc": CMCConfig,
-    "cpc": CPCConfig,
-}
+METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
+"""The method registry's config half (:func:`register_method_config`); the key is the method's
+name: its file in ``methods/``, ``method.name``, its search space and its MLflow tag."""
+
+
+def register_method_config(cls: type[MethodConfig]) -> type[MethodConfig]:
+    """Make ``cls`` a method ``Config`` accepts (``method.name`` = its ``name`` default).
+
+    Registering a name again with the same class is a no-op; with another class it is an error.
+    The :class:`Config` model is rebuilt so that its ``method`` union includes the new class.
+    """
+    name = cls.model_fields["name"].default if "name" in cls.model_fields else None
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(
+            f"{cls.__name__}: a method config needs `name: Literal['<name>'] = '<name>'`, "
+            f"a Python identifier; got {name!r}"
+        )
+    known = METHOD_CONFIGS.get(name)
+    if known is not None and known is not cls:
+        raise ConfigError(f"method {name!r} is already registered by {known.__qualname__}")
+    METHOD_CONFIGS[name] = cls
+    if "Config" in globals():  # built-ins register before Config exists; later ones rebuild it
+        field = Config.model_fields["method"]
+        Config.model_fields["method"] = FieldInfo.merge_field_infos(
+            field, annotation=_method_union()
+        )
+        Config.model_rebuild(force=True)
+    return cls
+
+
+def _method_union() -> Any:
+    # pydantic picks the class by the `name` tag (errors then name the field, not the union)
+    return Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]  # noqa: UP007
+
+
+for _cls in (
+    SimCLRConfig,
+    SupConConfig,
+    MoCoConfig,
+    EMPSSLConfig,
+    InstDiscConfig,
+    InvaSpreadConfig,
+    CMCConfig,
+    CPCConfig,
+):
+    register_method_config(_cls)
+MethodUnion = _method_union()
+
+
+METHODS_ENV = "CONTRASTLAB_METHODS"
+"""Environment variable: comma-separated modules that register methods of their own (imported
+when a method name is not known yet; Ray workers inherit it from the driver)."""
+
+
+def import_method_modules() -> None:
+    """Import the modules listed in :data:`METHODS_ENV` (each registers its methods)."""
+    for module in filter(None, (m.strip() for m in os.environ.get(METHODS_ENV, "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"{METHODS_ENV}: cannot import {module!r}: {e}") from None
+
+
+def find_method_config(name: Any) -> type[MethodConfig] | None:
+    """The config class registered for ``name``, importing the :data:`METHODS_ENV` modules
+    first if it is not known yet; ``None`` if it is still unknown."""
+    if not isinstance(name, str):
+        return None
+    if name not in METHOD_CONFIGS:
+        import_method_modules()
+    return METHOD_CONFIGS.get(name)
+
+
+def reported_metrics() -> dict[str, Metric]:
+    """Every metric a run may report (what a sweep may optimise): the trainer's, each registered
+    method's ``reports``, then the label-free monitors'."""
+    out = dict(TRAINER_METRICS)
+    for cls in METHOD_CONFIGS.values():
+        out.update(cls.reports)
+    out.update(LABEL_FREE_METRICS)
+    return out
+
+
+def metric_owners(metric: str) -> tuple[str, ...] | None:
+    """The methods that report ``metric``, or ``None`` when every method does."""
+    if metric in TRAINER_METRICS or metric in LABEL_FREE_METRICS:
+        return None
+    return tuple(name for name, cls in METHOD_CONFIGS.items() if metric in cls.reports)
+
 
 # --------------------------------------------------------------------------- model
 
@@ -450,40 +740,6 @@ AUGMENT_RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-# Defaults that follow from the method (the upstream recipe), filled in before validation and
-# saved concretely; any value set explicitly wins.
-METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    # EMP-SSL balances invariance_weight=200 against the coding rate of a 1024-d projection
-    # and trains with LARS. With a 128-d head and plain SGD the invariance term dominates and
-    # the embedding collapses (on digits: TCR 56 -> 13, kNN below the random encoder); with
-    # these it learns (README, "Methods"). It is a few-epoch method: 10 epochs by default.
-    "emp_ssl": {
-        "model": {"proj_dim": 1024},
-        "optim": {"name": "lars", "weight_decay": 1e-4},
-        "train": {"epochs": 10},
-        "eval": {"feature": "patch_avg"},
-    },
-    # MoCo v1: a linear 128-d projection (v2 adds the MLP head); see _resolve_defaults.
-    # InstDisc and InvaSpread: the backbone's fc is one linear layer to 128-d (then L2 norm),
-    # as in both upstream ResNets (lemniscate.pytorch, Unsupervised_Embedding_Learning).
-    "instdisc": {"model": {"head": "linear"}},
-    "invaspread": {"model": {"head": "linear"}},
-    # CMC converts raw [0, 1] RGB to its colour space and normalises there, so the augmentation
-    # must not normalise. Upstream's L/ab recipe is crop + flip only: no colour jitter, and no
-    # grayscale or blur (a grayscale image has a constant ab view).
-    # Its kNN monitor is smaller: one crop through two half-width encoders makes a CMC epoch
-    # 3-4x cheaper than SimCLR's, and the default 10000 + 2000 monitor images cost 9.8% of a
-    # CIFAR-10 epoch (bench, CPU); 4000 + 1000 cost 3.9-4.3%, under the 5% budget. Its
-    # knn_full_* at the end still uses every image, so final numbers compare across methods.
-    "cmc": {
-        "augment": {"normalize": False, "jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0},
-        "eval": {"monitor_train_size": 4000, "monitor_test_size": 1000},
-    },
-    # CPC v2 scores predictions against a linear 64-d projection of each patch encoding.
-    "cpc": {"model": {"head": "linear", "proj_dim": 64}},
-}
-
-
 # --------------------------------------------------------------------------- optimisation
 
 
@@ -621,7 +877,7 @@ class TrainConfig(_Strict):
 class Config(_Strict):
     """A full run description. Build it with :func:`load_config` or :func:`make_config`."""
 
-    method: MethodConfig = Field(default_factory=SimCLRConfig)
+    method: MethodUnion = Field(default_factory=SimCLRConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -634,30 +890,7 @@ class Config(_Strict):
         m = self.method
         if self.data.dataset != "digits" and self.data.root is None:
             raise ValueError(f"data.root is required for data.dataset={self.data.dataset!r}")
-        if isinstance(m, MoCoConfig) and m.queue_size % self.train.batch_size != 0:
-            raise ValueError(
-                f"method.queue_size ({m.queue_size}) must be a multiple of train.batch_size "
-                f"({self.train.batch_size}) so that each step replaces whole queue slots"
-            )
-        if (
-            isinstance(m, MoCoConfig)
-            and m.bn_mode == "shuffle"
-            and (self.train.batch_size % m.bn_splits or self.train.batch_size < 2 * m.bn_splits)
-        ):
-            raise ValueError(
-                f"method.bn_splits ({m.bn_splits}) must divide train.batch_size "
-                f"({self.train.batch_size}) into BatchNorm groups of at least 2 images "
-                "(method.bn_mode='shuffle'); lower method.bn_splits or set method.bn_mode='none'"
-            )
-        if isinstance(m, SupConConfig | SimCLRConfig) and self.train.batch_size < 2:
-            raise ValueError("train.batch_size must be >= 2 for in-batch negatives")
-        if isinstance(m, CMCConfig) and self.augment.normalize:
-            raise ValueError(
-                "augment.normalize must be false for method.name='cmc': the method converts raw "
-                "[0, 1] RGB to method.colorspace and normalises its channels itself"
-            )
-        if isinstance(m, CPCConfig):
-            _check_cpc_grid(m, self.data.image_size)
+        m.check(self)
         return self
 
     @property
@@ -727,6 +960,24 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]
 
 # --------------------------------------------------------------------------- building
 
+TINY: dict[str, dict[str, Any]] = {
+    "data": {"dataset": "digits", "root": None, "image_size": 16, "max_train_samples": 256},
+    "model": {"backbone": "convnet", "width": 8, "head_hidden_dim": 32, "proj_dim": 16},
+    "train": {"epochs": 1, "batch_size": 64, "device": "cpu"},
+    "eval": {"knn_k": 20, "num_patches": 4},
+}
+"""The tiny setting: a width-8 convnet on 256 digits at 16 px, an epoch well under a second on
+2 CPU cores (tests, smoke sweeps and ablations, smoke benchmarks); each method adds its
+``tiny`` fields (:func:`tiny_raw`)."""
+
+
+def tiny_raw(method: str = "simclr") -> dict[str, Any]:
+    """The raw (unvalidated) tiny config of ``method``: :data:`TINY` + the method's ``tiny``."""
+    raw = copy.deepcopy(TINY)
+    raw["method"] = {"name": method, **copy.deepcopy(METHOD_CONFIGS[method].tiny)}
+    return raw
+
+
 SECTIONS: dict[str, type[BaseModel]] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -744,26 +995,18 @@ def _resolve_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(method, dict):
         raise ConfigError(f"'method' must be a mapping with a 'name' key, got {method!r}")
     name = method.setdefault("name", "simclr")
-    if not isinstance(name, str) or name not in METHOD_CONFIGS:
+    if find_method_config(name) is None:
         raise ConfigError(
             f"method.name: unknown method {name!r}; allowed: {sorted(METHOD_CONFIGS)}"
         )
     for section in SECTIONS:
         if section in raw and not isinstance(raw[section], dict):
             raise ConfigError(f"'{section}' must be a mapping, got {raw[section]!r}")
-    for section, values in METHOD_DEFAULTS.get(name, {}).items():
-        target = raw.setdefault(section, {})
-        for key, value in values.items():
-            target.setdefault(key, value)
-    model = raw.setdefault("model", {})
-    if name == "moco" and method.get("variant", "v2") == "v1":
-        model.setdefault("head", "linear")  # MoCo v1: linear 128-d projection
+    METHOD_CONFIGS[name].resolve_defaults(raw)
     augment = raw.setdefault("augment", {})
     data = raw.get("data") or {}
     dataset = data.get("dataset", DataConfig.model_fields["dataset"].default)
-    default_recipe = (
-        "emp_ssl" if name == "emp_ssl" else "digits" if dataset == "digits" else "simclr"
-    )
+    default_recipe = "digits" if dataset == "digits" else "simclr"
     recipe = augment.setdefault("recipe", default_recipe)
     if not isinstance(recipe, str) or recipe not in AUGMENT_RECIPES:
         raise ConfigError(

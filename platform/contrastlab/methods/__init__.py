@@ -1,9 +1,32 @@
 """The method registry. The key is the file name, the config's ``method.name``, the search
-space name and the MLflow tag."""
+space name and the MLflow tag.
+
+A method is two classes: its :class:`~contrastlab.config.MethodConfig` subclass (fields,
+defaults, reported metrics, tiny and small-data settings, cross-field rules) and its
+:class:`Method` (the training step). :func:`register_method` makes both known; everything else
+(configs, sweeps and their smoke tests, ablations, benchmarks, the method table) reads the
+registry. A method outside this package registers itself in its own module, which is imported
+when its name is listed in the ``CONTRASTLAB_METHODS`` environment variable (see
+:mod:`contrastlab.config`), so that Ray workers know it too.
+"""
 
 from __future__ import annotations
 
-from contrastlab.config import Config
+from contrastlab.config import (
+    CMCConfig,
+    Config,
+    ConfigError,
+    CPCConfig,
+    EMPSSLConfig,
+    InstDiscConfig,
+    InvaSpreadConfig,
+    MethodConfig,
+    MoCoConfig,
+    SimCLRConfig,
+    SupConConfig,
+    import_method_modules,
+    register_method_config,
+)
 from contrastlab.methods.base import Method
 from contrastlab.methods.cmc import CMC
 from contrastlab.methods.cpc import CPC
@@ -14,40 +37,38 @@ from contrastlab.methods.moco import MoCo
 from contrastlab.methods.simclr import SimCLR
 from contrastlab.methods.supcon import SupCon
 
-METHODS: dict[str, type[Method]] = {
-    "simclr": SimCLR,
-    "supcon": SupCon,
-    "moco": MoCo,
-    "emp_ssl": EMPSSL,
-    "instdisc": InstDisc,
-    "invaspread": InvaSpread,
-    "cmc": CMC,
-    "cpc": CPC,
-}
+METHODS: dict[str, type[Method]] = {}
+"""``method.name`` -> the :class:`Method` class that trains it."""
 
-# Settings a method needs on a training set of a few thousand images or fewer (the 1347-1400
-# of digits and the learnability tasks), as `--set`-style overrides. Every small-data
-# pipeline (pipelines/method_table.py, pipelines/learnability.py) starts from this one table.
-SMALL_DATA: dict[str, tuple[str, ...]] = {
-    "simclr": (),
-    "supcon": (),
-    # K must stay well below the training images, or the queue holds the positives
-    "moco": ("method.queue_size=1024",),
-    # 8 patches per image instead of 20: EMP-SSL's step costs num_patches forward passes, and
-    # these sets are for many short CPU runs
-    "emp_ssl": ("method.num_patches=8",),
-    # InstDisc: nce_k below the training images; Z re-estimated every batch, because with the
-    # paper's first-batch Z the small bank fills with look-alike rows of the young encoder
-    # and NCE collapses (digits: kNN 85.5% -> 22-46%); SGD lr 0.03 as upstream's ImageNet script
-    "instdisc": ("method.nce_k=1024", "method.z_estimate=every_batch", "optim.lr=0.03"),
-    "invaspread": (),
-    # CMC: split R | GB, each view from its own crop: Lab's ab view is constant on gray images
-    # (digits, position), and one shared crop would give two identical gray views
-    "cmc": ("method.colorspace=rgb", "method.shared_crop=false"),
-    # CPC: a small patch grid needs no 5-block context stack; at SGD lr 0.3 the digits kNN
-    # stalls near the random encoder's 71.7% (74.6% best) while the task is solved
-    "cpc": ("method.context_layers=2", "method.context_hidden_dim=128", "optim.lr=0.03"),
-}
+
+def register_method(method: type[Method], config: type[MethodConfig]) -> None:
+    """Register a method: its training class and its config class (whose ``name`` is the key).
+
+    Raises:
+        ConfigError: The name is taken by other classes, or ``method`` is not a Method.
+    """
+    if not (isinstance(method, type) and issubclass(method, Method)):
+        raise ConfigError(f"register_method: {method!r} is not a subclass of Method")
+    register_method_config(config)
+    name = config.model_fields["name"].default
+    known = METHODS.get(name)
+    if known is not None and known is not method:
+        raise ConfigError(f"method {name!r} is already registered by {known.__qualname__}")
+    METHODS[name] = method
+
+
+for _method, _config in (
+    (SimCLR, SimCLRConfig),
+    (SupCon, SupConConfig),
+    (MoCo, MoCoConfig),
+    (EMPSSL, EMPSSLConfig),
+    (InstDisc, InstDiscConfig),
+    (InvaSpread, InvaSpreadConfig),
+    (CMC, CMCConfig),
+    (CPC, CPCConfig),
+):
+    register_method(_method, _config)
+import_method_modules()  # methods of the user's own (config.METHODS_ENV)
 
 
 def build_method(cfg: Config, num_train: int) -> Method:
@@ -55,4 +76,4 @@ def build_method(cfg: Config, num_train: int) -> Method:
     return METHODS[cfg.method.name](cfg, num_train)
 
 
-__all__ = ["METHODS", "SMALL_DATA", "Method", "build_method"]
+__all__ = ["METHODS", "Method", "build_method", "register_method"]

@@ -44,12 +44,12 @@ from typing import Any
 
 import yaml
 
-from contrastlab.config import Config, ConfigError
+from contrastlab.config import Config, ConfigError, reported_metrics
 from contrastlab.sweep.spec import (
     MAX_SEED,
-    METRIC_RANGES,
     Resources,
     SpaceError,
+    SweepOptions,
     UniqueKeyLoader,
     as_list,
     build_config,
@@ -70,6 +70,7 @@ from contrastlab.sweep.spec import (
     resource_errors,
     short_error,
     show_values,
+    smoke_base,
     tuple_args,
     unknown_key,
 )
@@ -471,13 +472,8 @@ def smoke_ablation(spec: AblationSpec, epochs: int = 2, seeds: int = 2) -> Ablat
     Factor values come from the spec's ``smoke`` section where the full values would not fit
     the tiny setting (e.g. queue sizes larger than the smoke dataset), else the first two.
     """
-    from contrastlab.sweep.runner import SMOKE_BASE, SMOKE_METHOD
-
     data = spec.to_dict()
-    base = copy.deepcopy(SMOKE_BASE)
-    base["method"] = {
-        k: v for k, v in SMOKE_METHOD.get(spec.method, {}).items() if k not in spec.factor_paths
-    }
+    base = smoke_base(spec.method)
     for section, values in base.items():
         base[section] = {
             k: v for k, v in values.items() if f"{section}.{k}" not in spec.factor_paths
@@ -509,23 +505,16 @@ class AblationOutcome:
 
 def run_ablation(
     spec: AblationSpec,
+    options: SweepOptions | None = None,
     *,
-    name: str | None = None,
-    storage_path: str | Path = "sweeps",
-    tracking_uri: str | None = None,
-    experiment: str | None = None,
-    resume: bool = False,
-    runner: str = "auto",
-    max_failures: int = 0,
-    ray_address: str | None = None,
     out_dir: str | Path | None = None,
-    reuse_actors: bool = False,
     reference: Mapping[str, Any] | None = None,
+    **changes: Any,
 ) -> AblationOutcome:
     """Run every cell x seed on Ray Tune (a grid, no early stopping), then :func:`analyse`.
 
-    Args mirror :func:`contrastlab.sweep.runner.run_sweep`; ``out_dir`` (default
-    ``<storage_path>/<name>/analysis``) receives the tables and plots; ``reference`` is the
+    ``options`` and ``changes`` as for :func:`contrastlab.sweep.runner.run_sweep`; ``out_dir``
+    (default ``<storage_path>/<name>/analysis``) receives the tables and plots; ``reference`` is the
     cell the others are compared with (see :func:`summarise`), checked before anything runs.
     """
     if reference is not None:  # a typo must not cost a whole ablation before it shows
@@ -537,17 +526,8 @@ def run_ablation(
     from contrastlab.sweep.runner import finish_sweep, fit_tuner, init_ray, open_sweep
 
     started = time.perf_counter()
-    settings = open_sweep(
-        spec,
-        kind="ablation",
-        name=name,
-        storage_path=storage_path,
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        resume=resume,
-        runner=runner,
-        reuse_actors=reuse_actors,
-    )
+    opts = (options or SweepOptions()).with_changes(**changes)
+    settings = open_sweep(spec, "ablation", opts)
     from contrastlab import tracking
 
     c = tracking.client(settings.tracking_uri)
@@ -566,8 +546,8 @@ def run_ablation(
             run_config=run_config,
         )
 
-    init_ray(ray_address)
-    results = fit_tuner(settings, make_tuner, resume, max_failures)
+    init_ray(opts.ray_address)
+    results = fit_tuner(settings, make_tuner, opts.resume, opts.max_failures)
     finish_sweep(settings, results, started)
     out = Path(out_dir) if out_dir else Path(settings.storage_path) / settings.name / "analysis"
     analysis = analyse(
@@ -647,7 +627,13 @@ CONFIDENCE = 0.95
 """Level of every interval in an ablation's summary (the ``ci95_*`` columns)."""
 
 Bounds = tuple[float | None, float | None]
-"""``(low, high)`` a metric can take, None for an open side (see ``spaces.METRIC_RANGES``)."""
+"""``(low, high)`` a metric can take, None for an open side (see ``config.Metric``)."""
+
+
+def metric_range(metric: str) -> Bounds:
+    """The range of a reported metric (``(None, None)`` for one the registry does not know)."""
+    m = reported_metrics().get(metric)
+    return (None, None) if m is None else (m.low, m.high)
 
 
 def _cut(v, bounds: Bounds):
@@ -778,7 +764,7 @@ def summarise(
         table: one row per run (:func:`results_table`).
         factors: the factor columns.
         value: the column summarised, e.g. ``final_knn_top1``.
-        bounds: the metric's range (``spaces.METRIC_RANGES``); no interval leaves it.
+        bounds: the metric's range (``config.reported_metrics()``); no interval leaves it.
         reference: ``{factor: value}`` of the cell the others are compared with; default the
             first cell.
 
@@ -981,7 +967,7 @@ def analyse(
 
     Writes ``results.parquet`` (tidy, one row per run), ``summary.parquet`` and ``summary.md``
     (per cell, see :func:`summarise`; intervals never leave the metric's range
-    ``spaces.METRIC_RANGES``), ``<metric>_vs_<factor>.png`` and ``curves.png`` into
+    ``config.reported_metrics()``), ``<metric>_vs_<factor>.png`` and ``curves.png`` into
     ``out_dir`` and, with ``log_to_mlflow``, onto the parent run under ``analysis/``.
     ``reference`` (``{factor: value}``, default the first cell) is the cell every other one is
     compared with, paired by seed.
@@ -1000,9 +986,7 @@ def analyse(
     if table.empty:
         raise AblationError(f"ablation {name!r} (run {parent_id}) has no runs in MLflow yet")
     value = f"final_{metric}"
-    summary = summarise(
-        table, factors, value, METRIC_RANGES.get(metric, (None, None)), reference=reference
-    )
+    summary = summarise(table, factors, value, metric_range(metric), reference=reference)
     files = {
         "results": out / "results.parquet",
         "summary": out / "summary.parquet",

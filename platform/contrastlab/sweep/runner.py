@@ -30,13 +30,14 @@ import yaml
 from contrastlab import tracking
 from contrastlab.config import ConfigError, make_config
 from contrastlab.sweep.space import SearchSpace, load_space
+from contrastlab.sweep.spec import SweepOptions, SweepSpec, smoke_base, smoke_fixed
 
 
 @dataclass(frozen=True)
 class SweepSettings:
     """Everything a trial needs to know about its sweep (sent to every trial process)."""
 
-    space: Any  # SearchSpace | AblationSpec
+    space: SweepSpec
     name: str
     storage_path: str
     tracking_uri: str
@@ -58,35 +59,6 @@ class SweepOutcome:
 
 # --------------------------------------------------------------------------- smoke test
 
-# Sizes that would not fit the tiny smoke setting are fixed, not searched.
-_SMOKE_FIXED = (
-    "train.",
-    "data.",
-    "model.",
-    "method.queue_size",
-    "method.num_patches",
-    "method.contrast_count",
-    "method.nce_k",
-    "method.n_views",
-    "method.prediction_steps",  # CPC: the 16 px smoke images make a 3-row patch grid
-    "method.skip_steps",
-    "eval.",
-)
-SMOKE_BASE: dict[str, Any] = {
-    "data": {"dataset": "digits", "root": None, "image_size": 16, "max_train_samples": 256},
-    "model": {"backbone": "convnet", "width": 8, "head_hidden_dim": 32, "proj_dim": 16},
-    "augment": {"recipe": "digits"},
-    "train": {"batch_size": 64, "device": "cpu", "precision": "fp32", "compile": False},
-    "eval": {"knn_k": 20, "knn_every": 1, "num_patches": 4},
-}
-SMOKE_METHOD: dict[str, dict[str, Any]] = {
-    "moco": {"queue_size": 256},
-    "emp_ssl": {"num_patches": 4},
-    "supcon": {"contrast_count": 2},
-    "instdisc": {"nce_k": 64},  # below the 256 smoke training images
-    "cpc": {"prediction_steps": 2, "skip_steps": 0, "context_layers": 2, "context_hidden_dim": 32},
-}
-
 
 def smoke_space(space: SearchSpace, trials: int = 3, epochs: int = 2) -> SearchSpace:
     """The same sweep, shrunk to run on 2 CPU cores in about a minute (what CI runs).
@@ -94,15 +66,13 @@ def smoke_space(space: SearchSpace, trials: int = 3, epochs: int = 2) -> SearchS
     Keeps the method and the searched hyperparameters that do not change sizes (temperature,
     lr, weight decay, momentum, eps, ...), fixes the sizes small, and trains on digits.
     """
-    drop = {p.path: None for p in space.params if p.path.startswith(_SMOKE_FIXED)}
+    fixed = smoke_fixed(space.method)
+    drop = {p.path: None for p in space.params if p.path.startswith(fixed)}
     smaller = space.with_overrides(param_overrides=drop) if drop else space
     # a path that stays searched (e.g. augment.recipe) must not also be fixed in base
     base = {
         section: {k: v for k, v in values.items() if f"{section}.{k}" not in smaller.param_paths}
-        for section, values in {
-            **SMOKE_BASE,
-            "method": SMOKE_METHOD.get(space.method, {}),
-        }.items()
+        for section, values in smoke_base(space.method).items()
     }
     # conditional params whose parent was dropped would dangle: drop them as well
     parents = {path for p in smaller.params for path in p.when}
@@ -445,28 +415,17 @@ def _retire_orphan(c, run, trial_id: str) -> None:
     )
 
 
-def open_sweep(
-    space: Any,
-    *,
-    kind: str,
-    name: str | None,
-    storage_path: str | Path,
-    tracking_uri: str | None,
-    experiment: str | None,
-    resume: bool,
-    runner: str,
-    reuse_actors: bool = False,
-) -> SweepSettings:
+def open_sweep(space: SweepSpec, kind: str, options: SweepOptions) -> SweepSettings:
     """Everything before Ray: check the store, pick the runner, create or find the parent run.
 
-    ``space`` is a :class:`~contrastlab.sweep.space.SearchSpace` or an
-    :class:`~contrastlab.sweep.ablation.AblationSpec` (anything with ``name``, ``path``, ``method``,
-    ``metric``, ``mode``, ``epochs``, ``resources`` and ``config_for``).
+    ``kind`` is ``sweep`` or ``ablation`` (the parent run's tag and the messages' word).
     """
+    name, storage_path, runner = options.name, options.storage_path, options.runner
+    resume, reuse_actors = options.resume, options.reuse_actors
     storage_path = (
         os.path.abspath(storage_path) if "://" not in str(storage_path) else str(storage_path)
     )
-    uri = tracking.resolve_tracking_uri(tracking_uri)
+    uri = tracking.resolve_tracking_uri(options.tracking_uri)
     tracking.check_reachable(uri)  # fail in seconds, before any trial is scheduled
     if runner == "auto":
         runner = "direct" if space.resources.workers == 1 else "trainer"
@@ -476,7 +435,7 @@ def open_sweep(
         raise ConfigError(
             f"{space.path}: resources.workers={space.resources.workers} needs runner 'trainer'"
         )
-    experiment = experiment or f"contrastlab-{space.name}"
+    experiment = options.experiment or f"contrastlab-{space.name}"
     exp_id = tracking.experiment_id(uri, experiment)
     if resume:
         if name is None:
@@ -629,40 +588,18 @@ def _send_spooled(settings: SweepSettings) -> None:
 
 def run_sweep(
     space: SearchSpace,
+    options: SweepOptions | None = None,
     *,
-    name: str | None = None,
-    storage_path: str | Path = "sweeps",
-    tracking_uri: str | None = None,
-    experiment: str | None = None,
-    resume: bool = False,
     optuna_storage: str | None = None,
-    runner: str = "auto",
-    max_failures: int = 0,
-    ray_address: str | None = None,
-    reuse_actors: bool = False,
+    **changes: Any,
 ) -> SweepOutcome:
-    """Run (or, with ``resume``, continue) a sweep; returns per-trial outcomes.
+    """Run (or, with ``options.resume``, continue) a sweep; returns per-trial outcomes.
 
     Args:
-        space: a validated search space.
-        name: sweep name (Tune experiment name; default ``<space>-<timestamp>``).
-        storage_path: where Tune keeps trials and checkpoints (shared storage on a cluster).
-        tracking_uri: MLflow store (default: ``$MLFLOW_TRACKING_URI`` or ``./mlflow.db``).
-        experiment: MLflow experiment (default: ``contrastlab-<space name>``).
-        resume: continue the sweep ``name`` whose driver died; finished trials are kept.
-        optuna_storage: an Optuna RDB URL (``sqlite:///study.db``) to persist the study.
-        runner: ``direct`` (train in the trial process), ``trainer`` (Ray Train
-            TorchTrainer), or ``auto`` (direct for one worker, trainer for more).
-        max_failures: restarts of a failed trial from its last checkpoint.
-        ray_address: Ray cluster to join (default: ``$RAY_ADDRESS``, else a local Ray).
-        reuse_actors: a finished trial's process runs the next trial of the same resources,
-            skipping process start and imports (a finished trial frees its memory, see
-            :func:`_release_memory`); False (default) starts a fresh process per trial. Off
-            by default: Ray reuses a process only if the trial that ran there (e.g. stopped
-            by ASHA) ends its current epoch within ``TUNE_FUNCTION_THREAD_TIMEOUT_S`` (2 s),
-            else it errors the next trial (seen on 2 loaded cores with 1-2 s epochs; one
-            such sweep then hung); for epochs longer than that the saved start-up is also
-            negligible.
+        space: A validated search space.
+        options: How it runs (:class:`~contrastlab.sweep.spec.SweepOptions`); ``changes`` are
+            applied over it (``run_sweep(space, name="x", tracking_uri=uri)``).
+        optuna_storage: An Optuna RDB URL (``sqlite:///study.db``) to persist the study.
     """
     import optuna
     from ray import tune
@@ -670,17 +607,8 @@ def run_sweep(
     from ray.tune.search.optuna import OptunaSearch
 
     started = time.perf_counter()
-    settings = open_sweep(
-        space,
-        kind="sweep",
-        name=name,
-        storage_path=storage_path,
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        resume=resume,
-        runner=runner,
-        reuse_actors=reuse_actors,
-    )
+    opts = (options or SweepOptions()).with_changes(**changes)
+    settings = open_sweep(space, "sweep", opts)
     if optuna_storage:
         tracking.client(settings.tracking_uri).set_tag(
             settings.parent_run_id, "contrastlab.optuna_storage", optuna_storage
@@ -719,8 +647,8 @@ def run_sweep(
             run_config=run_config,
         )
 
-    init_ray(ray_address)
-    results = fit_tuner(settings, make_tuner, resume, max_failures)
+    init_ray(opts.ray_address)
+    results = fit_tuner(settings, make_tuner, opts.resume, opts.max_failures)
     return finish_sweep(settings, results, started)
 
 

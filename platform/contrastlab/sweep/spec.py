@@ -17,95 +17,108 @@ import math
 import re
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
-from contrastlab.config import METHOD_CONFIGS, SECTIONS, Config, ConfigError, make_config
+from contrastlab.config import (
+    LABEL_FREE_METRICS,
+    METHOD_CONFIGS,
+    SECTIONS,
+    Config,
+    ConfigError,
+    find_method_config,
+    make_config,
+    metric_owners,
+    reported_metrics,
+    tiny_raw,
+)
 
 if TYPE_CHECKING:
     import optuna
 
 
-REPORTED_METRICS = (
-    "loss",
-    "knn_top1",
-    "knn_top5",
-    "views_per_s",
-    "epoch_time_s",
-    "lr",
-    "moco_acc",
-    "tcr",
-    "invariance",
-    "cmc_acc",
-    "cpc_acc",
-    "rankme",
-    "alignment",
-    "uniformity",
-    "nuisance_r2",
-)
-"""Metrics the trainer reports every epoch (the ``metric`` a space may optimise)."""
+@dataclass(frozen=True)
+class SweepOptions:
+    """How a sweep or an ablation runs, as opposed to what it searches (its spec): one set of
+    options for ``contrastlab sweep`` and ``contrastlab ablate``, ``run_sweep`` and
+    ``run_ablation``.
+
+    Attributes:
+        name: Sweep name (Tune experiment name; default ``<space>-<timestamp>``).
+        storage_path: Where Tune keeps trials and checkpoints (shared storage on a cluster).
+        tracking_uri: MLflow store (default: ``$MLFLOW_TRACKING_URI`` or ``./mlflow.db``).
+        experiment: MLflow experiment (default: ``contrastlab-<spec name>``).
+        resume: Continue the sweep ``name`` whose driver died; finished trials are kept.
+        runner: ``direct`` (train in the trial process), ``trainer`` (Ray Train
+            TorchTrainer), or ``auto`` (direct for one worker, trainer for more).
+        max_failures: Restarts of a failed trial from its last checkpoint.
+        ray_address: Ray cluster to join (default: ``$RAY_ADDRESS``, else a local Ray).
+        reuse_actors: A finished trial's process runs the next trial of the same resources,
+            skipping process start and imports; False (default) starts a fresh process per
+            trial. Off by default: Ray reuses a process only if the trial that ran there (e.g.
+            stopped by ASHA) ends its current epoch within ``TUNE_FUNCTION_THREAD_TIMEOUT_S``
+            (2 s), else it errors the next trial (seen on 2 loaded cores with 1-2 s epochs; one
+            such sweep then hung); for epochs longer than that the saved start-up is negligible.
+    """
+
+    name: str | None = None
+    storage_path: str | Path = "sweeps"
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    resume: bool = False
+    runner: str = "auto"
+    max_failures: int = 0
+    ray_address: str | None = None
+    reuse_actors: bool = False
+
+    def with_changes(self, **changes: Any) -> SweepOptions:
+        """A copy with some options changed (``TypeError`` names an unknown one)."""
+        return replace(self, **changes) if changes else self
+
+
+class SweepSpec(Protocol):
+    """What the Tune runner needs of a spec: a :class:`~contrastlab.sweep.space.SearchSpace`
+    and an :class:`~contrastlab.sweep.ablation.AblationSpec` both provide it."""
+
+    path: Path
+    name: str
+    method: str
+    metric: str
+    mode: str
+    epochs: int
+    concurrency: int
+    resources: Resources
+
+    def config_for(self, sampled: Mapping[str, Any]) -> Config: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 MODES = ("max", "min")
-
-
 KNN_METRICS = ("knn_top1", "knn_top5")
+SMOKE_SECTIONS = ("train.", "data.", "model.", "eval.")
+"""A smoke test fixes these sections at the tiny setting rather than search them."""
 
 
-# the label-free monitors (no labels needed): measured with the kNN monitor, when eval.label_free
-LABEL_FREE_METRICS = ("rankme", "alignment", "uniformity", "nuisance_r2")
+def smoke_base(method: str) -> dict[str, dict[str, Any]]:
+    """The base config of a smoke sweep or ablation of ``method``: its tiny config
+    (:func:`contrastlab.config.tiny_raw`) with digits' recipe and the monitor every epoch (the
+    scheduler compares trials epoch by epoch); the budget sets the epochs."""
+    raw = tiny_raw(method)
+    del raw["method"]["name"], raw["train"]["epochs"]
+    raw["augment"] = {"recipe": "digits"}
+    raw["eval"]["knn_every"] = 1
+    raw["train"].update(precision="fp32", compile=False)
+    return raw
 
 
-# metrics only some methods report
-METRIC_METHODS = {"moco_acc": ("moco",), "tcr": ("emp_ssl",), "invariance": ("emp_ssl",)}
-
-
-# metrics with an obvious direction: optimising the other way is a mistake
-METRIC_MODES = {
-    "loss": "min",
-    "knn_top1": "max",
-    "knn_top5": "max",
-    "views_per_s": "max",
-    "epoch_time_s": "min",
-    "moco_acc": "max",
-}
-
-
-# the contrastive tasks' top-1 accuracies of CMC (view to view) and CPC (patch to patch)
-METRIC_METHODS.update({"cmc_acc": ("cmc",), "cpc_acc": ("cpc",)})
-
-
-METRIC_RANGES: dict[str, tuple[float | None, float | None]] = {
-    "loss": (None, None),  # EMP-SSL's loss subtracts TCR: no bound holds for every method
-    "knn_top1": (0.0, 100.0),  # percent
-    "knn_top5": (0.0, 100.0),
-    "views_per_s": (0.0, None),
-    "epoch_time_s": (0.0, None),
-    "lr": (0.0, None),
-    "moco_acc": (0.0, 1.0),  # fractions
-    "tcr": (None, None),
-    "invariance": (None, None),
-    "cmc_acc": (0.0, 1.0),
-    "cpc_acc": (0.0, 1.0),
-    "rankme": (1.0, None),  # exp(entropy) of the normalised singular values
-    "alignment": (0.0, 4.0),  # E||z1 - z2||^2 of unit vectors (evaluate.ALIGN_ALPHA = 2)
-    "uniformity": (-8.0, 0.0),  # [-4t, 0] with evaluate.UNIFORM_T = 2
-    "nuisance_r2": (None, 1.0),  # held-out R^2: 1 at best, unbounded below
-}
-"""``(low, high)`` each metric can take (None: unbounded on that side): interval estimates
-(ablation summaries) never leave it."""
-
-
-METRIC_MODES.update({"cmc_acc": "max", "cpc_acc": "max"})
-
-
-# a higher effective rank (no collapse), closer positives, a more even spread, and features
-# that predict less of the per-image colour are better; ASHA then stops collapsed trials
-METRIC_MODES.update(
-    {"rankme": "max", "alignment": "min", "uniformity": "min", "nuisance_r2": "min"}
-)
+def smoke_fixed(method: str) -> tuple[str, ...]:
+    """Path prefixes a smoke sweep of ``method`` fixes instead of searching: the tiny sections
+    and the method's ``smoke_fixed`` sizes."""
+    return SMOKE_SECTIONS + tuple(f"method.{f}" for f in METHOD_CONFIGS[method].smoke_fixed)
 
 
 RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker")
@@ -257,17 +270,18 @@ def check_top_keys(
 def parse_method_metric_mode(data: Mapping[str, Any], errs: list[str]) -> tuple[Any, Any, Any]:
     """``method`` (None when unknown), ``metric`` and ``mode``, problems appended to ``errs``."""
     method = data["method"]
-    if not isinstance(method, str) or method not in METHOD_CONFIGS:
+    if find_method_config(method) is None:
         errs.append(
             f"method: unknown method {method!r}{did_you_mean(method, METHOD_CONFIGS)}; "
             f"allowed: {', '.join(METHOD_CONFIGS)}"
         )
         method = None
     metric = data["metric"]
-    if not isinstance(metric, str) or metric not in REPORTED_METRICS:
+    reported = reported_metrics()
+    if not isinstance(metric, str) or metric not in reported:
         errs.append(
             f"metric: {metric!r} is not a metric the trainer reports"
-            f"{did_you_mean(metric, REPORTED_METRICS)}; allowed: {', '.join(REPORTED_METRICS)}"
+            f"{did_you_mean(metric, reported)}; allowed: {', '.join(reported)}"
         )
     mode = data["mode"]
     if not isinstance(mode, str) or mode not in MODES:
@@ -451,14 +465,14 @@ def metric_errors(
     metric: str, mode: str, method: str, base_cfg: Config, searched: tuple[str, ...]
 ) -> list[str]:
     errs = []
-    only = METRIC_METHODS.get(metric)
+    only = metric_owners(metric)
     if only is not None and method not in only:
+        mine = [m for m in reported_metrics() if method in (metric_owners(m) or (method,))]
         errs.append(
             f"metric: {metric} is only reported by {', '.join(only)}, not {method}; allowed for "
-            f"{method}: "
-            + ", ".join(m for m in REPORTED_METRICS if method in METRIC_METHODS.get(m, (method,)))
+            f"{method}: " + ", ".join(mine)
         )
-    better = METRIC_MODES.get(metric)
+    better = reported_metrics()[metric].mode
     if better is not None and mode != better:
         errs.append(
             f"mode: {metric} is better when {'higher' if better == 'max' else 'lower'}; "
@@ -472,7 +486,7 @@ def metric_errors(
                 f"base.eval.label_free: is false, but metric: {metric} is a label-free monitor "
                 "that needs it; allowed: eval: {label_free: true}"
             )
-    if metric in KNN_METRICS + LABEL_FREE_METRICS:
+    if metric in KNN_METRICS or metric in LABEL_FREE_METRICS:
         if "eval.knn_every" in searched:
             errs.append(f"params.eval.knn_every: cannot be searched with metric: {metric}")
         elif base_cfg.eval.knn_every != 1:
