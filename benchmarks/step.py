@@ -1,6 +1,24 @@
 """Training-step benchmark: how fast one step runs, where its time goes, and how it compares
 with the reference implementations' loop, all in one process on the same machine.
 
+On a GPU machine (cifar_resnet18, bf16, torch.compile, channels_last by default on CUDA; the
+reference loop with 8 DataLoader workers, as the reference repos run it), from the repository
+root (``python pipelines/bench.py`` takes the same flags)::
+
+    python -m benchmarks.step --workers 8 --out bench.json
+
+On a cluster (docs/cluster.md), on a GPU worker rather than the head::
+
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        --entrypoint-num-gpus 1 -- python -m benchmarks.step --workers 8
+
+On a CPU (convnet, fp32, no compile by default there); the commands behind each table of
+docs/benchmarks.md are written above it. In seconds, with a tiny model and data::
+
+    python -m benchmarks.step --smoke-test
+
+All flags: ``python -m benchmarks.step --help``.
+
 For each method it builds a :class:`~contrastlab.train.Trainer` on synthetic CIFAR-sized data
 (random ``uint8 [N, 3, 32, 32]`` images, 10 classes: the timings do not depend on pixel
 values) and measures, as the median of ``repeats`` timed calls (each ``steps`` steps) after
@@ -8,7 +26,7 @@ values) and measures, as the median of ``repeats`` timed calls (each ``steps`` s
 
 * the full step, :meth:`Trainer.train_step` (augmentation + forward + loss + backward +
   optimizer step + the method's end-of-step update): the code ``train_epoch`` runs per step;
-* augmentation alone (``Trainer._views``) and the model step alone on pre-augmented views
+* augmentation alone (:meth:`Trainer.views`) and the model step alone on pre-augmented views
   (:meth:`Trainer.model_step`), and the share of the step spent augmenting;
 * peak memory: ``torch.cuda.max_memory_allocated`` over the warm-up steps on CUDA; on CPU
   the process's peak resident set size (``getrusage``), which only grows over a run;
@@ -25,8 +43,6 @@ values) and measures, as the median of ``repeats`` timed calls (each ``steps`` s
   (``workers`` processes), fp32, no ``torch.compile``, NCHW memory layout. Its timed calls
   alternate with ours (:func:`time_interleaved`), so a load that drifts during the run (a
   shared machine) does not bias the ratio.
-
-The command line is ``pipelines/bench.py``; :func:`main` takes its arguments.
 """
 
 from __future__ import annotations
@@ -351,7 +367,7 @@ def ours_pipeline(trainer: Trainer, steps: int) -> tuple[Pipeline, list[torch.Te
     images = trainer.train_set.images[:B].to(device)
     labels = trainer.train_set.labels[:B].to(device)
     idx = torch.arange(B, device=device)
-    views = trainer._views(images)  # fixed views for the model-only timer
+    views = trainer.views(images)  # fixed views for the model-only timer
     losses: list[torch.Tensor] = []
 
     def step() -> None:
@@ -361,7 +377,7 @@ def ours_pipeline(trainer: Trainer, steps: int) -> tuple[Pipeline, list[torch.Te
     @torch.no_grad()
     def augment() -> None:
         for _ in range(steps):
-            trainer._views(images)
+            trainer.views(images)
 
     def model() -> None:
         for _ in range(steps):
@@ -636,7 +652,7 @@ def measure(
         flops = count_step_flops(
             cfg,
             len(trainer.train_set),
-            trainer._views(trainer.train_set.images[:B].to(device)),
+            trainer.views(trainer.train_set.images[:B].to(device)),
             trainer.train_set.labels[:B].to(device),
             torch.arange(B, device=device),
         )
@@ -983,3 +999,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nresults written to {args.out}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], prog="python -m benchmarks.step"))
