@@ -1,6 +1,6 @@
 """Submit an ablation: every cell x seed of a spec as a Ray Tune grid, analysed with 95% CIs.
 
-On a cluster (see README, "Run a sweep on a cluster")::
+On a cluster (docs/cluster.md)::
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \\
         -- python pipelines/ablate.py --spec search_spaces/ablations/supcon_contrast_count.yaml

@@ -1,4 +1,4 @@
-"""Train every registered method on the built-in digits data and print the README's table.
+"""Train every registered method on the built-in digits data and print the table of docs/methods.md.
 
     python pipelines/method_table.py [--methods simclr moco] [--out docs/method_table.md]
     python pipelines/method_table.py --smoke-test   # every method, tiny, 1 epoch (CI)

@@ -1,4 +1,4 @@
-"""Screenshot the MLflow UI's compare view of a sweep's or ablation's trials (README images).
+"""Screenshot the MLflow UI's compare view of a sweep's or ablation's trials (docs/img/).
 
     python pipelines/screenshot.py --sweep NAME --tracking-uri sqlite:////abs/mlflow.db \\
         --out docs/img/mlflow_compare.png
@@ -10,11 +10,19 @@ child runs in headless Chromium, and writes the PNG.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
-from contrastlab import tracking, ui
+from contrastlab import tracking
 from contrastlab.sweep.report import find_sweep
+
+# The MLflow server and Chromium helpers live in tests/ui.py, beside the UI tests that use
+# them (tools stay out of the package); tests/ is not installed, so put the repository root
+# on the path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests import ui  # noqa: E402
 
 
 def main() -> None:

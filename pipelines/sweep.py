@@ -1,6 +1,6 @@
 """Submit a hyperparameter sweep: Ray Tune + Optuna (TPE) + ASHA, every trial in MLflow.
 
-On a cluster (see README, "Run a sweep on a cluster")::
+On a cluster (docs/cluster.md)::
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \\
         -- python pipelines/sweep.py --space search_spaces/moco.yaml

@@ -1,4 +1,5 @@
-"""The training-step benchmark (contrastlab.bench, pipelines/bench.py): structure, not speed.
+"""The benchmarks (benchmarks/step.py, run by pipelines/bench.py; benchmarks/augment.py):
+structure, not speed.
 
 No test here asserts a timing: they check that a smoke run measures everything it claims to
 (finite, positive numbers in a complete result), that the FLOP count behind MFU matches a
@@ -15,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from contrastlab import bench
-from contrastlab.bench import BenchSettings, check_settings, count_step_flops, peak_tflops
+from benchmarks import step
+from benchmarks.step import BenchSettings, check_settings, count_step_flops, peak_tflops
 from contrastlab.config import make_config
 
 METHOD_KEYS = {
@@ -72,7 +73,7 @@ def test_smoke_run_measures_everything_and_the_baseline_runs():
         methods=("simclr",), baseline=("simclr",), device="cpu", smoke=True, threads=1
     )
     threads = torch.get_num_threads()
-    r = bench.run(settings)
+    r = step.run(settings)
     assert torch.get_num_threads() == threads  # restored
     assert r["machine"]["torch_threads"] == 1
     json.dumps(r, allow_nan=False)  # JSON-able, and no NaN/inf anywhere
@@ -92,7 +93,7 @@ def test_smoke_run_measures_everything_and_the_baseline_runs():
 
     s = r["settings"]
     assert (s["backbone"], s["precision"], s["compile"]) == ("convnet", "fp32", False)
-    text = bench.format_tables(r)
+    text = step.format_tables(r)
     assert r["machine"]["torch"] in text and "| simclr |" in text and "ours / ref" in text
     assert "peak RSS" in text  # says which memory it measured
 
@@ -122,14 +123,14 @@ def test_flop_count_matches_the_closed_form():
 def test_mfu_arithmetic_of_the_cuda_path(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H100 80GB HBM3")
     bf16 = make_config({"train": {"precision": "bf16", "device": "cpu"}})
-    u = bench._utilisation(torch.device("cuda"), bf16, flops=10**12, step_s=0.01, model_s=0.005)
+    u = step._utilisation(torch.device("cuda"), bf16, flops=10**12, step_s=0.01, model_s=0.005)
     assert u["peak_dtype"] == "bf16" and u["peak_tflops"] == 989.4
     assert u["mfu"] == pytest.approx(100 / 989.4) and u["model_mfu"] == pytest.approx(200 / 989.4)
     fp32 = make_config({"train": {"device": "cpu"}})
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert bench._utilisation(torch.device("cuda"), fp32, 10**12, 1.0, 1.0)["peak_dtype"] == "tf32"
+    assert step._utilisation(torch.device("cuda"), fp32, 10**12, 1.0, 1.0)["peak_dtype"] == "tf32"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Some Future GPU")
-    assert bench._utilisation(torch.device("cuda"), bf16, 10**12, 1.0, 1.0)["mfu"] is None
+    assert step._utilisation(torch.device("cuda"), bf16, 10**12, 1.0, 1.0)["mfu"] is None
 
 
 @pytest.mark.parametrize(
@@ -162,15 +163,15 @@ def test_device_defaults_and_any_registered_method():
     full = BenchSettings(device="cpu").resolved()
     assert (full.train_size, full.test_size, full.batch) == (50_000, 10_000, 256)
     # a queue that must be a multiple of the batch is rounded up, not rejected
-    assert bench.bench_config("moco", BenchSettings(batch=96, device="cpu").resolved())
+    assert step.bench_config("moco", BenchSettings(batch=96, device="cpu").resolved())
 
 
 def test_command_line_rejects_bad_input_before_measuring(capsys):
     with pytest.raises(SystemExit) as e:
-        bench.main(["--methods", "simclr,nope", "--device", "cpu"])
+        step.main(["--methods", "simclr,nope", "--device", "cpu"])
     assert e.value.code == 2 and "unknown method 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        bench.main(["--device", "cpu", "--batch", "512", "--train-size", "256"])
+        step.main(["--device", "cpu", "--batch", "512", "--train-size", "256"])
     assert "must be at least the batch" in capsys.readouterr().err
 
 
@@ -181,13 +182,13 @@ def test_timers_take_turns_and_report_medians(monkeypatch):
         return lambda: calls.append(name)
 
     pipes = [
-        bench.Pipeline("ours", 4, {"step": timer("o.step"), "model": timer("o.model")}),
-        bench.Pipeline("reference", 4, {"step": timer("r.step")}),
+        step.Pipeline("ours", 4, {"step": timer("o.step"), "model": timer("o.model")}),
+        step.Pipeline("reference", 4, {"step": timer("r.step")}),
     ]
     # a fake clock: the k-th timed call lasts k seconds
     ticks = iter(x for k in range(1, 10) for x in (0.0, float(k)))
-    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
-    out = bench.time_interleaved(pipes, torch.device("cpu"), repeats=3)
+    monkeypatch.setattr(step, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    out = step.time_interleaved(pipes, torch.device("cpu"), repeats=3)
     assert calls == ["o.step", "o.model", "r.step"] * 3  # round-robin, one call each per round
     # o.step lasted 1, 4, 7 s; o.model 2, 5, 8 s; r.step 3, 6, 9 s
     assert out == {"ours": {"step": 4.0, "model": 5.0}, "reference": {"step": 6.0}}
@@ -197,11 +198,11 @@ def test_reference_loop_with_a_dataloader_worker(tmp_path):
     s = check_settings(
         BenchSettings(methods=(), baseline=("simclr",), device="cpu", smoke=True, workers=1)
     )
-    data = bench.synthetic_splits(s.train_size, s.test_size)
+    data = step.synthetic_splits(s.train_size, s.test_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        out = bench.measure("simclr", s, data, tmp_path, ours=False, reference=True)
+        out = step.measure("simclr", s, data, tmp_path, ours=False, reference=True)
     finally:
         torch.set_num_threads(threads)
     assert set(out) == {"reference"}
@@ -216,7 +217,7 @@ def test_the_cuda_defaults_bf16_and_channels_last_run_on_cpu():
     s = BenchSettings(
         methods=("moco",), baseline=(), device="cpu", precision="bf16", smoke=True, threads=1
     )
-    (m,) = bench.run(replace(s, epoch=False))["methods"]
+    (m,) = step.run(replace(s, epoch=False))["methods"]
     _positive_finite(m, (*POSITIVE, "flops_per_step"))
     assert "knn_s" not in m and math.isfinite(m["final_loss"])
 
@@ -233,7 +234,7 @@ def test_epoch_timed_on_part_of_the_set_is_scaled_to_all_of_it():
         train_size=96,
         epoch_images=32,
     )
-    (m,) = bench.run(settings)["methods"]
+    (m,) = step.run(settings)["methods"]
     assert (m["train_size"], m["epoch_images_timed"]) == (96, 32)
     timed_views = 32 // 16 * 16 * 2  # 2 steps of 16 images x 2 views
     # 6 steps in the whole set, 2 timed
@@ -250,8 +251,9 @@ def test_augmentation_benchmark_runs_and_compares_with_the_reference(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
-        [sys.executable, str(root / "pipelines" / "bench_augment.py"), "--batch", "4"]
-        + ["--views", "2", "--repeats", "1", "--threads", "1", "--recipe", "simclr"],
+        [sys.executable, "-m", "benchmarks.augment", "--batch", "4", "--views", "2"]
+        + ["--repeats", "1", "--threads", "1", "--recipe", "simclr"],
+        cwd=root,
         capture_output=True,
         text=True,
         timeout=300,
@@ -267,7 +269,7 @@ def test_reference_transform_has_the_opt_in_ops_only_when_on():
     import numpy as np
     from PIL import Image
 
-    from contrastlab.bench import reference_transform
+    from benchmarks.step import reference_transform
 
     def names(augment):
         cfg = make_config({"augment": {"recipe": "simclr", **augment}}).augment

@@ -1,10 +1,15 @@
 """House rules about the repository layout."""
 
+import ast
 import importlib
 import platform
+import re
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,3 +39,51 @@ def test_every_method_has_its_file_and_tests():
         assert (ROOT / "platform" / "contrastlab" / "methods" / f"{name}.py").is_file(), name
         assert f'"{name}"' in tests_text, f"no test mentions method {name!r}"
         assert (ROOT / "search_spaces" / f"{name}.yaml").is_file(), f"no search space: {name}"
+
+
+def test_the_package_imports_no_tools():
+    """Tools live beside the library: benchmarks, tests and pipelines import contrastlab, never
+    the other way round (an installed package has none of them)."""
+    tools = {"benchmarks", "tests", "pipelines"}
+    for path in sorted((ROOT / "platform" / "contrastlab").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            used = {n.split(".")[0] for n in names} & tools
+            assert not used, f"{path.relative_to(ROOT)}:{node.lineno} imports {used}"
+
+
+@pytest.mark.parametrize("script", ["pipelines/bench.py", "pipelines/screenshot.py"])
+def test_scripts_that_use_tools_run_from_any_directory(script, tmp_path):
+    # pipelines/bench.py (the GPU benchmark command) runs benchmarks/step.py, screenshot.py
+    # uses tests/ui.py: neither folder is installed, so the scripts find them themselves
+    out = subprocess.run(
+        [sys.executable, str(ROOT / script), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0 and out.stdout.startswith("usage:"), out.stdout + out.stderr
+
+
+def test_the_readme_is_a_guide_that_links_every_doc():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) <= 12 * 1024, "README.md: move detail into docs/*.md"
+    for doc in sorted((ROOT / "docs").glob("*.md")):
+        assert f"](docs/{doc.name})" in readme, f"README.md does not link docs/{doc.name}"
+
+
+def test_relative_links_in_the_docs_resolve():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    pages.append(ROOT / "search_spaces" / "README.md")
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a URL or an anchor in the same page
+            path = (page.parent / target.split("#")[0]).resolve()
+            assert path.exists(), f"{page.relative_to(ROOT)}: broken link {target}"

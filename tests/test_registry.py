@@ -156,3 +156,24 @@ def test_the_method_table_trains_a_registered_method(tmp_path):
     )
     row = next(line for line in out.splitlines() if line.startswith("| `toy`"))
     assert row.startswith("| `toy` | tiny (smoke test) | ") and "% → " in row
+
+
+@pytest.mark.slow
+def test_the_step_benchmark_times_a_registered_method(tmp_path):
+    _run(
+        [
+            sys.executable,
+            str(ROOT / "pipelines" / "bench.py"),
+            "--smoke-test",
+            "--methods",
+            "toy",
+            "--baseline",
+            "none",
+            "--out",
+            str(tmp_path / "bench.json"),
+        ],
+        tmp_path,
+    )
+    (row,) = json.loads((tmp_path / "bench.json").read_text())["methods"]
+    assert row["method"] == "toy" and row["views_per_image"] == 2
+    assert row["views_per_s"] > 0 and row["augment_views_per_s"] > 0

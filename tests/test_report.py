@@ -161,7 +161,7 @@ def test_mlflow_ui_compare_page_shows_the_trials_and_their_metrics(sweep):
     """A real `mlflow server` on 127.0.0.1, its compare view rendered in headless Chromium."""
     import os
 
-    from contrastlab import ui
+    from tests import ui
 
     if ui.chromium() is None:
         if os.environ.get("CI"):

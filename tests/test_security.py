@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from contrastlab import tracking, ui
+from contrastlab import tracking
 from contrastlab.sweep.runner import run_sweep, smoke_space
 from contrastlab.sweep.space import load_space
+from tests import ui
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "s3cret-Pa55word-for-the-test"

@@ -11,6 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ruff_clean():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     out = subprocess.run(
-        [ruff, "check", "platform", "tests", "pipelines"], cwd=ROOT, capture_output=True, text=True
+        [ruff, "check", "platform", "tests", "pipelines", "benchmarks"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr

@@ -36,7 +36,7 @@ def _weights(method):
 def test_default_digits_run_learns(tmp_path):
     """The README's main job, shortened to 30 of its 100 epochs: the default config must lift
     the kNN accuracy clearly above the random-init encoder's (85.5% -> 91.3% here). With k=200,
-    as the README measured it: the automatic k (27 for the 1,347 digits) scores the random
+    the protocol of docs/methods.md: the automatic k (27 for the 1,347 digits) scores the random
     encoder at 95.5%, which the full 100-epoch run lifts to 97.6%."""
     cfg = make_config(
         {

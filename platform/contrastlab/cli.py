@@ -8,7 +8,6 @@ contrastlab sweep --space SPACE.yaml [--smoke-test]     Ray Tune + Optuna sweep,
 contrastlab ablate --spec SPEC.yaml [--smoke-test]      grid of cells x seeds, tables + plots
 contrastlab report SWEEP                                leaderboard, Optuna plots, summary
 contrastlab reproduce --run-id ID | --best-of NAME      re-run a tracked trial locally
-contrastlab bench [--methods ...]                       training-step benchmark
 """
 
 from __future__ import annotations
@@ -273,12 +272,6 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from contrastlab.bench import main as bench
-
-    return bench(args.args, prog="contrastlab bench")
-
-
 def _cmd_config(args: argparse.Namespace) -> int:
     print(load_config(args.config, args.overrides).to_yaml(), end="")
     return 0
@@ -365,14 +358,6 @@ def main(argv: list[str] | None = None) -> int:
     p_pr.add_argument("--epochs", type=int, help="compare only the first N epochs (quick check)")
     p_pr.add_argument("--no-log", action="store_true", help="do not log the reproduction to MLflow")
     p_pr.set_defaults(func=_cmd_reproduce)
-    p_b = sub.add_parser(
-        "bench",
-        help="training-step benchmark (flags: contrastlab bench --help)",
-        add_help=False,
-        prefix_chars="+",  # every --flag goes to contrastlab.bench untouched
-    )
-    p_b.add_argument("args", nargs=argparse.REMAINDER)
-    p_b.set_defaults(func=_cmd_bench)
     args = parser.parse_args(argv)
     from contrastlab.data import DataError
     from contrastlab.tracking import TrackingError

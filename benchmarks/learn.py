@@ -1,8 +1,8 @@
 """Time to a kNN accuracy: the platform's SimCLR with a given config against the naive
 SimCLR loop (``contrastlab.naive``), on one learnability task, in one run on one machine.
 
-    # the ratio the README reports (a CPU, 2 threads)
-    python pipelines/bench_learn.py --task colour --target 25 --image-size 16 \\
+    # from the repository root; a CPU run, 2 threads (no result recorded in docs/ yet)
+    python -m benchmarks.learn --task colour --target 25 --image-size 16 \\
         --set optim.name=adamw --set optim.lr=0.001 --set train.batch_size=128 \\
         --set method.temperature=0.2 --set augment.channel_shuffle_p=1 \\
         --set augment.channel_gain=[0.6,1.4] --set augment.crop_scale=[0.3,1.0] \\
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = make_config(raw)
     except ConfigError as e:
-        print(f"bench_learn: error: {e}", file=sys.stderr)
+        print(f"benchmarks.learn: error: {e}", file=sys.stderr)
         return 2
     splits = load_dataset(cfg.data)
 

@@ -1,6 +1,6 @@
 """Fixed per-trial cost of a sweep: a fresh trial process, a reused one, a Ray Train worker group.
 
-    python pipelines/bench_sweep.py [--trials 4] [--repeats 2]
+    python -m benchmarks.sweep [--trials 4] [--repeats 2]     # from the repository root
 
 Runs the same tiny 1-epoch smoke sweep (digits, small convnet) on a local Ray, one trial at a
 time, in three ways: ``runner=direct`` with a fresh process per trial (``reuse_actors=False``),
@@ -12,9 +12,9 @@ takes about a second, so the wall time per trial is almost all fixed overhead. E
 From the trials' MLflow runs it splits the time per trial into: inside the run (setup, the
 kNN monitor at init and after the epoch, the epoch, checkpoints, logging; the epoch alone in
 brackets) and between one run's end and the next one's start (process start and imports,
-Tune's scheduling). The README's numbers come from this script.
+Tune's scheduling). The numbers in docs/benchmarks.md come from this script.
 
-    python pipelines/bench_sweep.py --cifar-sized [--trials 4]
+    python -m benchmarks.sweep --cifar-sized [--trials 4]
 
 instead runs a sweep of ``--trials`` real 1-epoch CIFAR-sized trials (SimCLR, the small
 convnet, batch 256, one CPU each, as many at once as there are cores) on CIFAR-10 files in the

@@ -1,9 +1,10 @@
 """Seeing runs: a local MLflow server and headless-Chromium views of its pages.
 
-Used by the UI test and by ``pipelines/screenshot.py`` (the README's images). The server binds
-127.0.0.1 only (an MLflow server has no authentication of its own; see the README's security
-section), and Chromium runs headless with every background network feature off, in a fresh
-profile.
+Used by the tests that start an MLflow server or render its UI, and by
+``pipelines/screenshot.py`` (the images in docs/img/); a tool beside the package, not in it.
+The server binds 127.0.0.1 only (an MLflow server has no authentication of its own; see
+docs/security.md), and Chromium runs headless with every background network feature off, in
+a fresh profile.
 """
 
 from __future__ import annotations

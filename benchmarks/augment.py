@@ -1,8 +1,10 @@
 """Benchmark multi-view augmentation: batched on-device vs per-image PIL vs kornia.
 
-    python pipelines/bench_augment.py [--batch 64] [--views 20] [--recipe emp_ssl|simclr]
-                                      [--size 32] [--device cpu|cuda] [--repeats 5]
-                                      [--threads N] [--no-kornia]
+    python -m benchmarks.augment [--batch 64] [--views 20] [--recipe emp_ssl|simclr]
+                                 [--size 32] [--device cpu|cuda] [--repeats 5]
+                                 [--threads N] [--no-kornia]
+
+(from the repository root; its results: docs/benchmarks.md).
 
 All pipelines run in this one process on the same random uint8 images of ``--size`` pixels
 (CIFAR-sized by default) and produce ``--views`` normalised float views of every image:
@@ -34,8 +36,8 @@ import torch
 import torchvision
 from PIL import Image
 
+from benchmarks.step import reference_transform
 from contrastlab.augment import BatchAugment
-from contrastlab.bench import reference_transform
 from contrastlab.config import AUGMENT_RECIPES, AugmentConfig, make_config
 
 # CIFAR-10 channel statistics; any values do for timing.

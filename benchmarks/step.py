@@ -1,6 +1,24 @@
 """Training-step benchmark: how fast one step runs, where its time goes, and how it compares
 with the reference implementations' loop, all in one process on the same machine.
 
+On a GPU machine (cifar_resnet18, bf16, torch.compile, channels_last by default on CUDA; the
+reference loop with 8 DataLoader workers, as the reference repos run it), from the repository
+root (``python pipelines/bench.py`` takes the same flags)::
+
+    python -m benchmarks.step --workers 8 --out bench.json
+
+On a cluster (docs/cluster.md), on a GPU worker rather than the head::
+
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        --entrypoint-num-gpus 1 -- python -m benchmarks.step --workers 8
+
+On a CPU (convnet, fp32, no compile by default there); the commands behind each table of
+docs/benchmarks.md are written above it. In seconds, with a tiny model and data::
+
+    python -m benchmarks.step --smoke-test
+
+All flags: ``python -m benchmarks.step --help``.
+
 For each method it builds a :class:`~contrastlab.train.Trainer` on synthetic CIFAR-sized data
 (random ``uint8 [N, 3, 32, 32]`` images, 10 classes: the timings do not depend on pixel
 values) and measures, as the median of ``repeats`` timed calls (each ``steps`` steps) after
@@ -8,7 +26,7 @@ values) and measures, as the median of ``repeats`` timed calls (each ``steps`` s
 
 * the full step, :meth:`Trainer.train_step` (augmentation + forward + loss + backward +
   optimizer step + the method's end-of-step update): the code ``train_epoch`` runs per step;
-* augmentation alone (``Trainer._views``) and the model step alone on pre-augmented views
+* augmentation alone (:meth:`Trainer.views`) and the model step alone on pre-augmented views
   (:meth:`Trainer.model_step`), and the share of the step spent augmenting;
 * peak memory: ``torch.cuda.max_memory_allocated`` over the warm-up steps on CUDA; on CPU
   the process's peak resident set size (``getrusage``), which only grows over a run;
@@ -25,8 +43,6 @@ values) and measures, as the median of ``repeats`` timed calls (each ``steps`` s
   (``workers`` processes), fp32, no ``torch.compile``, NCHW memory layout. Its timed calls
   alternate with ours (:func:`time_interleaved`), so a load that drifts during the run (a
   shared machine) does not bias the ratio.
-
-The command line is ``pipelines/bench.py``; :func:`main` takes its arguments.
 """
 
 from __future__ import annotations
@@ -55,7 +71,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from contrastlab.config import METHOD_CONFIGS, AugmentConfig, Config, make_config
+from contrastlab.config import TINY, AugmentConfig, Config, find_method_config, make_config
 from contrastlab.data import DatasetSplits, ImageDataset
 from contrastlab.data.core import channel_stats
 from contrastlab.methods import METHODS, build_method
@@ -163,7 +179,7 @@ class BenchSettings:
             return replace(
                 s,
                 batch=min(s.batch, 16),
-                train_size=self.train_size or 64,
+                train_size=self.train_size or 256,  # the tiny setting's size
                 test_size=self.test_size or 32,
                 repeats=1,
                 warmup=1,
@@ -197,10 +213,12 @@ def bench_config(method: str, s: BenchSettings, reference: bool = False) -> Conf
     """The run config of ``method`` under resolved settings ``s``.
 
     The method's own defaults stand (EMP-SSL's 20 patches, LARS, patch-averaged kNN features,
-    MoCo's 4096 queue rounded up to a multiple of the batch). ``reference``: the baseline's
+    MoCo's 4096 queue rounded up to a multiple of the batch by its ``fit_batch``); a smoke run
+    takes the method's ``tiny`` fields. ``reference``: the baseline's
     config, fp32, no compile, NCHW, the data set kept on the CPU for the DataLoader.
     """
-    if method not in METHODS:
+    cls = find_method_config(method)
+    if cls is None or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {sorted(METHODS)}")
     raw: dict[str, Any] = {
         "method": {"name": method},
@@ -223,17 +241,14 @@ def bench_config(method: str, s: BenchSettings, reference: bool = False) -> Conf
             "epochs": 1,
         },
     }
-    fields = METHOD_CONFIGS[method].model_fields
-    if "queue_size" in fields:  # must be a multiple of the batch
-        default = fields["queue_size"].default
-        raw["method"]["queue_size"] = s.batch * max(1, math.ceil(default / s.batch))
     if reference:
         raw["data"]["on_device"] = False
-    if s.smoke:
-        raw["model"].update(width=8, head_hidden_dim=32, proj_dim=32)
+    if s.smoke:  # the method's tiny setting (sizes that fit the smoke images)
+        raw["method"].update(cls.tiny)
+        raw["model"].update(TINY["model"])
         raw["eval"] = {"batch_size": 64, "num_patches": 2}
-        if "queue_size" in fields:
-            raw["method"]["queue_size"] = 2 * s.batch  # < the 64 smoke images
+    # sizes the batch dictates (MoCo's queue: a multiple of it, rounded up)
+    raw["method"].update(cls.fit_batch(s.batch, raw["method"]))
     return make_config(raw)
 
 
@@ -351,7 +366,7 @@ def ours_pipeline(trainer: Trainer, steps: int) -> tuple[Pipeline, list[torch.Te
     images = trainer.train_set.images[:B].to(device)
     labels = trainer.train_set.labels[:B].to(device)
     idx = torch.arange(B, device=device)
-    views = trainer._views(images)  # fixed views for the model-only timer
+    views = trainer.views(images)  # fixed views for the model-only timer
     losses: list[torch.Tensor] = []
 
     def step() -> None:
@@ -361,7 +376,7 @@ def ours_pipeline(trainer: Trainer, steps: int) -> tuple[Pipeline, list[torch.Te
     @torch.no_grad()
     def augment() -> None:
         for _ in range(steps):
-            trainer._views(images)
+            trainer.views(images)
 
     def model() -> None:
         for _ in range(steps):
@@ -636,7 +651,7 @@ def measure(
         flops = count_step_flops(
             cfg,
             len(trainer.train_set),
-            trainer._views(trainer.train_set.images[:B].to(device)),
+            trainer.views(trainer.train_set.images[:B].to(device)),
             trainer.train_set.labels[:B].to(device),
             torch.arange(B, device=device),
         )
@@ -983,3 +998,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nresults written to {args.out}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], prog="python -m benchmarks.step"))
