@@ -312,7 +312,7 @@ BAD = [
     (
         "empty_choices",
         {"params": {"train.batch_size": {"dist": "categorical", "choices": []}}},
-        ["params.train.batch_size.choices", "non-empty list"],
+        ["params.train.batch_size.choices", "List should have at least 1 item"],
     ),
     (
         "unknown_top_key",
@@ -332,7 +332,7 @@ BAD = [
     (
         "reduction_factor_one",
         {"scheduler": {"name": "asha", "reduction_factor": 1}},
-        ["scheduler.reduction_factor", ">= 2"],
+        ["scheduler.reduction_factor", "greater than or equal to 2 (got 1)"],
     ),
     (
         "metric_not_reported",
@@ -450,7 +450,7 @@ BAD = [
     (
         "zero_trials",
         {"trials": 0},
-        ["trials", ">= 1"],
+        ["trials: Input should be greater than or equal to 1 (got 0)"],
     ),
     (
         "label_free_metric_switched_off",
