@@ -317,7 +317,12 @@ BAD = [
     (
         "unknown_top_key",
         {"trails": 8},
-        ["trails", "did you mean 'trials'", "allowed: method, base, params"],
+        [
+            "trails",
+            "did you mean 'trials'",
+            "allowed: method, base, metric, mode, budget, concurrency, resources, params, "
+            "scheduler, trials, seed",
+        ],
     ),
     (
         "unknown_param_key",
@@ -367,7 +372,10 @@ BAD = [
     (
         "missing_required",
         {"metric": None},
-        ["metric: required key is missing", "required: method, params, metric, mode"],
+        [
+            "metric: required key is missing",
+            "required: method, metric, mode, budget, params, trials",
+        ],
     ),
     (
         "unknown_method",

@@ -49,19 +49,13 @@ from contrastlab.config import Config, ConfigError, rule
 from contrastlab.sweep.spec import (
     MAX_SEED,
     METRIC_RANGES,
-    AtLeastOne,
-    Base,
-    Budget,
-    MethodName,
-    MetricName,
-    Mode,
     Resources,
     SpaceError,
+    SpecFile,
     SpecModel,
     UniqueKeyLoader,
     as_list,
     build_config,
-    check_base,
     describe,
     is_finite_number,
     is_integer,
@@ -272,26 +266,18 @@ class CoupleSpec(SpecModel):
     reference: float = Field(gt=0, description="the factor value at which the base value holds")
 
 
-class AblationFile(SpecModel):
+class AblationFile(SpecFile):
     """An ablation spec's structure (see the module docstring): its own keys, types and
     ranges, and how its parts refer to each other. :func:`load_ablation` then checks it against
     the method's config."""
 
-    method: MethodName
-    base: Base = None
     factors: Annotated[dict[str, Values], Field(min_length=1, max_length=2)]
     seeds: Seeds
     couple: dict[str, CoupleSpec] | None = None
-    metric: MetricName
-    mode: Mode
-    budget: Budget
-    concurrency: AtLeastOne = 1
-    resources: Resources = Resources()
     smoke: dict[str, Values] | None = None
 
     @model_validator(mode="after")
     def _fits(self) -> AblationFile:
-        check_base(self.method, self.base, self.budget.epochs)
         if "seed" in ((self.base or {}).get("train") or {}):
             raise rule(
                 "the seeds of an ablation are set by `seeds`; remove it", at="base.train.seed"

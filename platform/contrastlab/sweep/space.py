@@ -41,20 +41,14 @@ from pydantic import AfterValidator, BeforeValidator, Field, field_validator, mo
 from contrastlab.config import Config, ConfigError, did_you_mean, rule
 from contrastlab.sweep.spec import (
     MAX_SEED,
-    AtLeastOne,
-    Base,
-    Budget,
-    MethodName,
-    MetricName,
-    Mode,
     Param,
     Resources,
     SpaceError,
+    SpecFile,
     SpecModel,
     UniqueKeyLoader,
     as_list,
     build_config,
-    check_base,
     describe,
     field_annotation,
     field_info,
@@ -197,21 +191,14 @@ ParamSpec = Annotated[
 """One ``params`` entry as written; :func:`_param` checks it against the searched field."""
 
 
-class SpaceFile(SpecModel):
+class SpaceFile(SpecFile):
     """A search space file's structure (see the module docstring): its own keys, types and
     ranges. :func:`load_space` then checks it against the method's config."""
 
-    method: MethodName
-    base: Base = None
     params: dict[str, ParamSpec] = Field(min_length=1)
-    metric: MetricName
-    mode: Mode
-    budget: Budget
     scheduler: Scheduler = Asha()
-    trials: AtLeastOne
-    concurrency: AtLeastOne = 1
-    resources: Resources = Resources()
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="the sampler seed")
+    trials: int = Field(ge=1)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="the sampler seed")
 
     @field_validator("scheduler", mode="before")
     @classmethod
@@ -221,7 +208,6 @@ class SpaceFile(SpecModel):
     @model_validator(mode="after")
     def _fits(self) -> SpaceFile:
         epochs = self.budget.epochs
-        check_base(self.method, self.base, epochs)
         if isinstance(self.scheduler, Asha) and self.scheduler.grace_period > epochs:
             raise rule(
                 f"{self.scheduler.grace_period} is more than budget.epochs ({epochs}); "

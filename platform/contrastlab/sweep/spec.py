@@ -248,7 +248,6 @@ MetricName = Annotated[
 Mode = Literal["max", "min"]
 Base = dict[str, dict[str, Any] | None] | None
 """``base``: config sections to fields, as in a config file."""
-AtLeastOne = Annotated[int, Field(ge=1)]
 
 
 class Budget(SpecModel):
@@ -288,25 +287,39 @@ class Resources(SpecModel):
         return self
 
 
-def check_base(method: str, base: Base, epochs: int) -> None:
-    """``base`` must not contradict the top-level ``method`` or ``budget`` (raises a rule)."""
-    m = (base or {}).get("method") or {}
-    if "name" in m and m["name"] != method:
-        raise rule(
-            f"{m['name']!r} contradicts method: {method}; the method is set by the top-level "
-            "`method` key: remove base.method.name",
-            at="base.method.name",
-        )
-    t = (base or {}).get("train") or {}
-    if "epochs" in t and t["epochs"] != epochs:
-        raise rule(
-            f"{t['epochs']!r} contradicts budget.epochs ({epochs}); the budget sets the epochs of "
-            "every trial: remove base.train.epochs",
-            at="base.train.epochs",
-        )
+class SpecFile(SpecModel):
+    """What every sweep spec file holds: the method, its base config, the metric to optimise,
+    the budget of each trial and what trials reserve. A format adds its own keys."""
+
+    method: MethodName
+    base: Base = None
+    metric: MetricName
+    mode: Mode
+    budget: Budget
+    concurrency: int = Field(default=1, ge=1, description="trials run at once")
+    resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _base_fits(self) -> SpecFile:
+        # the top-level method and budget are the only place these are set
+        base, epochs = self.base or {}, self.budget.epochs
+        m, t = base.get("method") or {}, base.get("train") or {}
+        if "name" in m and m["name"] != self.method:
+            raise rule(
+                f"{m['name']!r} contradicts method: {self.method}; the method is set by the "
+                "top-level `method` key: remove base.method.name",
+                at="base.method.name",
+            )
+        if "epochs" in t and t["epochs"] != epochs:
+            raise rule(
+                f"{t['epochs']!r} contradicts budget.epochs ({epochs}); the budget sets the "
+                "epochs of every trial: remove base.train.epochs",
+                at="base.train.epochs",
+            )
+        return self
 
 
-M = TypeVar("M", bound=SpecModel)
+M = TypeVar("M", bound=SpecFile)
 
 
 def parse_spec(model: type[M], data: Any, where: str) -> M:
