@@ -312,12 +312,17 @@ BAD = [
     (
         "empty_choices",
         {"params": {"train.batch_size": {"dist": "categorical", "choices": []}}},
-        ["params.train.batch_size.choices", "non-empty list"],
+        ["params.train.batch_size.choices", "List should have at least 1 item"],
     ),
     (
         "unknown_top_key",
         {"trails": 8},
-        ["trails", "did you mean 'trials'", "allowed: method, base, params"],
+        [
+            "trails",
+            "did you mean 'trials'",
+            "allowed: method, base, metric, mode, budget, concurrency, resources, params, "
+            "scheduler, trials, seed",
+        ],
     ),
     (
         "unknown_param_key",
@@ -332,7 +337,7 @@ BAD = [
     (
         "reduction_factor_one",
         {"scheduler": {"name": "asha", "reduction_factor": 1}},
-        ["scheduler.reduction_factor", ">= 2"],
+        ["scheduler.reduction_factor", "greater than or equal to 2 (got 1)"],
     ),
     (
         "metric_not_reported",
@@ -367,7 +372,10 @@ BAD = [
     (
         "missing_required",
         {"metric": None},
-        ["metric: required key is missing", "required: method, params, metric, mode"],
+        [
+            "metric: required key is missing",
+            "required: method, metric, mode, budget, params, trials",
+        ],
     ),
     (
         "unknown_method",
@@ -450,7 +458,7 @@ BAD = [
     (
         "zero_trials",
         {"trials": 0},
-        ["trials", ">= 1"],
+        ["trials: Input should be greater than or equal to 1 (got 0)"],
     ),
     (
         "label_free_metric_switched_off",

@@ -17,13 +17,16 @@ import difflib
 import importlib
 import math
 import os
-from collections.abc import Iterable, Mapping
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
@@ -1017,44 +1020,124 @@ def _resolve_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def _allowed_keys(loc: tuple[Any, ...], raw: dict[str, Any]) -> list[str] | None:
-    """Field names allowed at ``loc`` (the parent of an offending key)."""
-    model: type[BaseModel] = Config
-    node: Any = raw
-    for part in loc:
-        if model is Config and part == "method":
-            name = node.get("method", {}).get("name") if isinstance(node, dict) else None
-            model = METHOD_CONFIGS.get(name, SimCLRConfig)  # type: ignore[assignment]
-        elif part in SECTIONS and model is Config:
-            model = SECTIONS[part]
-        elif part in METHOD_CONFIGS:
-            continue  # pydantic puts the union tag in the location
+def did_you_mean(name: Any, allowed: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` when ``name`` is close to one of ``allowed``, else ``""``."""
+    if not isinstance(name, str):
+        return ""
+    close = difflib.get_close_matches(name, list(allowed), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def rule(message: str, at: str = "") -> PydanticCustomError:
+    """A broken rule, to raise from a validator: :func:`error_lines` reports it as
+    ``key: message``, the key being the validated field's (plus ``.at`` when given: a model
+    validator names the field it blames)."""
+    return PydanticCustomError("rule", message, {"at": at})
+
+
+def _strip(tp: Any) -> Any:
+    """``Annotated[X, ...]`` and ``X | None`` -> ``X``."""
+    while True:
+        if typing.get_origin(tp) is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif typing.get_origin(tp) in (Union, types.UnionType) and type(None) in (
+            args := typing.get_args(tp)
+        ):
+            rest = tuple(a for a in args if a is not type(None))
+            tp = rest[0] if len(rest) == 1 else Union[rest]  # noqa: UP007
         else:
-            return None
-        node = node.get(part, {}) if isinstance(node, dict) else {}
-    return sorted(model.model_fields)
+            return tp
 
 
-def _format_error(err: ValidationError, raw: dict[str, Any]) -> str:
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _members(tp: Any) -> dict[str, type[BaseModel]]:
+    """A tagged union's models by tag (``{}`` when ``tp`` is not one)."""
+    if typing.get_origin(tp) not in (Union, types.UnionType):
+        return {}
+    out = {}
+    for m in typing.get_args(tp):
+        for f in m.model_fields.values() if _is_model(m) else ():
+            tags = typing.get_args(f.annotation)
+            if typing.get_origin(f.annotation) is Literal and len(tags) == 1:
+                out[tags[0]] = m
+    return out
+
+
+def _walk(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[Any], Any]:
+    """``loc`` as the user wrote it (pydantic adds the tag of a union member, which is no key
+    of the input) and the type found there (``None`` once ``loc`` leaves the typed part)."""
+    shown: list[Any] = []
+    tp: Any = root
+    for part in loc:
+        tp = _strip(tp)
+        if part in _members(tp):
+            tp = _members(tp)[part]
+            continue
+        shown.append(part)
+        if _is_model(tp):
+            f = tp.model_fields.get(part) if isinstance(part, str) else None
+            tp = f.annotation if f is not None else None
+        elif typing.get_origin(tp) in (dict, Mapping):
+            tp = typing.get_args(tp)[1]
+        elif typing.get_origin(tp) in (list, tuple):
+            tp = typing.get_args(tp)[0]
+        else:
+            tp = None
+    return shown, _strip(tp)
+
+
+def error_lines(
+    err: ValidationError,
+    root: type[BaseModel],
+    keys: Callable[[Iterable[str]], list[str]] = list,
+) -> list[str]:
+    """One line per problem in ``err`` (from validating ``root``), each naming its key:
+    ``key: unknown key (did you mean 'x'?); allowed: a, b``, ``key: <rule> (got <value>)``,
+    ``key: required key is missing; required: a, b``; a rule of the whole model (a
+    ``ValueError`` of a model validator) is its own message. ``keys`` orders the allowed keys.
+    """
     lines = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if p not in METHOD_CONFIGS)
-        key = ".".join(str(p) for p in loc) or "<config>"
-        if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(loc[:-1], raw) or []
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+        shown, _ = _walk(root, e["loc"])
+        key = ".".join(str(p) for p in shown) or "<config>"
+        ctx = e.get("ctx", {})
+        got = e.get("input")
+        _, parent = _walk(root, e["loc"][:-1])
+        if e["type"] in ("extra_forbidden", "invalid_key"):
+            allowed = keys(parent.model_fields) if _is_model(parent) else []
+            hint = did_you_mean(shown[-1], allowed)
             lines.append(f"{key}: unknown key{hint}; allowed: {', '.join(allowed)}")
-        elif e["type"] == "union_tag_invalid":
-            lines.append(f"{key}: {e['msg']}")
-        elif e["type"] == "value_error" and not loc:
+        elif e["type"] == "missing" and _is_model(parent):
+            need = [n for n, f in parent.model_fields.items() if f.is_required()]
+            lines.append(f"{key}: required key is missing; required: {', '.join(need)}")
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            tag = ctx["discriminator"].strip("'")
+            allowed = [str(t) for t in _members(_walk(root, e["loc"])[1])]
+            if e["type"] == "union_tag_not_found":
+                why = "required key is missing"
+            else:
+                why = f"unknown {tag} {ctx['tag']!r}{did_you_mean(ctx['tag'], allowed)}"
+            lines.append(f"{key}.{tag}: {why}; allowed: {', '.join(allowed)}")
+        elif e["type"] == "rule":
+            at = ".".join(p for p in (*map(str, shown), ctx["at"]) if p)
+            lines.append(f"{at}: {e['msg']}" if at else e["msg"])
+        elif e["type"] == "value_error" and not shown:
             # cross-field rules: the message itself names the keys
-            lines.append(str(e["ctx"]["error"]) if "ctx" in e else e["msg"])
+            lines.append(str(ctx["error"]) if "error" in ctx else e["msg"])
+        elif shown and shown[-1] == "[key]":
+            parent = ".".join(str(p) for p in shown[:-2]) or "<top level>"
+            lines.append(f"{parent}: key {got!r}: {e['msg']}")
         else:
-            got = e.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{key}: {e['msg']}{shown}")
-    return "invalid config:\n  " + "\n  ".join(lines)
+            shown_got = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{key}: {e['msg']}{shown_got}")
+    return lines
+
+
+def _format_error(err: ValidationError) -> str:
+    return "invalid config:\n  " + "\n  ".join(error_lines(err, Config, keys=sorted))
 
 
 def make_config(raw: Mapping[str, Any] | None = None) -> Config:
@@ -1063,14 +1146,13 @@ def make_config(raw: Mapping[str, Any] | None = None) -> Config:
     top_allowed = sorted(Config.model_fields)
     for key in raw:
         if key not in top_allowed:
-            close = difflib.get_close_matches(str(key), top_allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(str(key), top_allowed)
             raise ConfigError(f"{key}: unknown section{hint}; allowed: {', '.join(top_allowed)}")
     resolved = _resolve_defaults(raw)
     try:
         return Config.model_validate(resolved)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, resolved)) from None
+        raise ConfigError(_format_error(err)) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

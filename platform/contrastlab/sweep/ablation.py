@@ -40,30 +40,29 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
-from contrastlab.config import Config, ConfigError, reported_metrics
+from contrastlab.config import Config, ConfigError, reported_metrics, rule
 from contrastlab.sweep.spec import (
     MAX_SEED,
     Resources,
     SpaceError,
+    SpecFile,
+    SpecModel,
     SweepOptions,
     UniqueKeyLoader,
     as_list,
     build_config,
-    check_top_keys,
     describe,
-    int_at_least,
     is_finite_number,
+    is_integer,
     is_scalar,
     metric_errors,
     normalize_tuple,
-    parse_base,
-    parse_budget,
-    parse_method_metric_mode,
-    parse_resources,
+    parse_spec,
     path_error,
     prefix_base,
     raise_errors,
@@ -72,28 +71,11 @@ from contrastlab.sweep.spec import (
     show_values,
     smoke_base,
     tuple_args,
-    unknown_key,
 )
 
-RULES = ("linear", "sqrt")
 MAX_RUNS = 1024
 """An ablation bigger than this is almost certainly a typo (cells x seeds)."""
 
-_TOP_KEYS = (
-    "method",
-    "base",
-    "factors",
-    "seeds",
-    "couple",
-    "metric",
-    "mode",
-    "budget",
-    "concurrency",
-    "resources",
-    "smoke",
-)
-_REQUIRED = ("method", "factors", "seeds", "metric", "mode", "budget")
-_COUPLE_KEYS = ("follows", "rule", "reference")
 SEED_PATH = "train.seed"
 
 
@@ -247,38 +229,104 @@ def ablation_from_dict(data: Any, path: str | Path = "<dict>") -> AblationSpec:
         raise AblationError(str(e)) from None
 
 
+def _count_or_list(seeds: Any) -> Any:
+    """``seeds: 3`` means seeds 0, 1, 2."""
+    if is_integer(seeds):
+        if not 1 <= seeds <= MAX_RUNS:
+            raise rule(f"a count must be in [1, {MAX_RUNS}], got {seeds}")
+        return list(range(seeds))
+    if not isinstance(seeds, list):
+        raise rule(
+            "must be a count (e.g. 3 -> seeds 0, 1, 2) or a non-empty list of integers, "
+            f"got {describe(seeds)}"
+        )
+    return seeds
+
+
+def _distinct(seeds: list[int]) -> list[int]:
+    if len(set(seeds)) != len(seeds):
+        raise rule(f"contains duplicates: {seeds}")
+    return seeds
+
+
+Seeds = Annotated[
+    list[Annotated[int, Field(ge=0, le=MAX_SEED)]],
+    BeforeValidator(_count_or_list),
+    Field(min_length=1),
+    AfterValidator(_distinct),
+]
+Values = Annotated[list[Any], Field(min_length=2)]
+"""The values of a factor (or its ``smoke`` values): at least 2."""
+
+
+class CoupleSpec(SpecModel):
+    """``couple.<target>``: ``target = base value x rule(factor / reference)``."""
+
+    follows: str = Field(description="the factor the target follows")
+    rule: Literal["linear", "sqrt"] = "linear"
+    reference: float = Field(gt=0, description="the factor value at which the base value holds")
+
+
+class AblationFile(SpecFile):
+    """An ablation spec's structure (see the module docstring): its own keys, types and
+    ranges, and how its parts refer to each other. :func:`load_ablation` then checks it against
+    the method's config."""
+
+    factors: Annotated[dict[str, Values], Field(min_length=1, max_length=2)]
+    seeds: Seeds
+    couple: dict[str, CoupleSpec] | None = None
+    smoke: dict[str, Values] | None = None
+
+    @model_validator(mode="after")
+    def _fits(self) -> AblationFile:
+        if "seed" in ((self.base or {}).get("train") or {}):
+            raise rule(
+                "the seeds of an ablation are set by `seeds`; remove it", at="base.train.seed"
+            )
+        paths = list(self.factors)
+        for target, c in (self.couple or {}).items():
+            key = f"couple.{target}"
+            if target in paths or target == SEED_PATH:
+                raise rule("is a factor (or the seed); a coupled path must be another one", at=key)
+            if c.follows not in paths:
+                raise rule(f"must name a factor; allowed: {', '.join(paths)}", at=f"{key}.follows")
+            if not all(is_finite_number(v) and v > 0 for v in self.factors[c.follows]):
+                raise rule(
+                    f"factor {c.follows} must have positive numeric values", at=f"{key}.follows"
+                )
+        for path in self.smoke or {}:
+            if path not in paths:
+                raise rule(f"not a factor; allowed: {', '.join(paths)}", at=f"smoke.{path}")
+        return self
+
+
 def _validate(data: Any, path: Path, where: str) -> AblationSpec:
-    check_top_keys(data, where, _TOP_KEYS, _REQUIRED)
+    """Check a spec's structure (:class:`AblationFile`), then its paths and values against the
+    method's config, then every cell's config."""
+    f = parse_spec(AblationFile, data, where)
+    method, base, epochs = f.method, copy.deepcopy(f.base or {}), f.budget.epochs
     errs: list[str] = []
-    method, metric, mode = parse_method_metric_mode(data, errs)
-    epochs = parse_budget(data["budget"], errs)
-    concurrency = int_at_least(data.get("concurrency", 1), 1, "concurrency", errs)
-    resources = parse_resources(
-        data.get("resources", {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}), errs
-    )
-    base = parse_base(data.get("base"), method, epochs, errs)
-    seeds = _parse_seeds(data["seeds"], errs)
-    factors = _parse_factors(data["factors"], method, base, errs)
-    _raise_ab(where, errs)
-    assert method is not None and base is not None and epochs is not None
-    assert seeds is not None and factors is not None and concurrency is not None
-    couplings = _parse_couplings(data.get("couple"), factors, method, base, errs)
-    smoke = _parse_smoke(data.get("smoke"), factors, errs)
-    _raise_ab(where, errs)
+    factors = _factors(f, base, errs)
+    couplings = []
+    for target, cs in (f.couple or {}).items():
+        why = path_error(target, method, "coupled")
+        if why is not None:
+            errs.append(f"couple.{target}: {why}")
+        # the base value (or the default) is what gets scaled; the resolved config shows it
+        couplings.append(Coupling(target, cs.follows, cs.rule, cs.reference))
+    raise_errors(where, errs)
 
     try:
         base_cfg = build_config(base, method, epochs, {})
     except ConfigError as e:
         raise AblationError(f"{where}: {prefix_base(e)}") from None
-    if "train" in base and isinstance(base["train"], Mapping) and "seed" in base["train"]:
-        errs.append("base.train.seed: the seeds of an ablation are set by `seeds`; remove it")
     for c in couplings:
         if not is_finite_number(base_cfg.flat()[c.target]):
             errs.append(f"couple.{c.target}: must be a numeric config field to scale")
     searched = (*dict(factors), SEED_PATH)
-    errs.extend(metric_errors(metric, mode, method, base_cfg, searched))
-    errs.extend(resource_errors(resources, base_cfg, {}))
-    _raise_ab(where, errs)
+    errs.extend(metric_errors(f.metric, f.mode, method, base_cfg, searched))
+    errs.extend(resource_errors(f.resources, base_cfg, {}))
+    raise_errors(where, errs)
 
     spec = AblationSpec(
         path=path,
@@ -286,24 +334,24 @@ def _validate(data: Any, path: Path, where: str) -> AblationSpec:
         method=method,
         base=base,
         factors=tuple((p, tuple(v)) for p, v in factors),
-        seeds=tuple(seeds),
+        seeds=tuple(f.seeds),
         couplings=tuple(couplings),
-        metric=metric,
-        mode=mode,
+        metric=f.metric,
+        mode=f.mode,
         epochs=epochs,
-        concurrency=concurrency,
-        resources=resources,
-        smoke=smoke,
+        concurrency=f.concurrency,
+        resources=f.resources,
+        smoke={p: tuple(v) for p, v in (f.smoke or {}).items()},
     )
     if spec.n_runs > MAX_RUNS:
         raise AblationError(
-            f"{where}: {len(spec.cells)} cells x {len(seeds)} seeds = {spec.n_runs} runs; "
+            f"{where}: {len(spec.cells)} cells x {len(spec.seeds)} seeds = {spec.n_runs} runs; "
             f"allowed: at most {MAX_RUNS}"
         )
     # every cell must build a valid config (seeds do not change validity: use the first)
     for cell in spec.cells:
         try:
-            build_config(base, method, epochs, spec._values({**cell, SEED_PATH: seeds[0]}))
+            build_config(base, method, epochs, spec._values({**cell, SEED_PATH: spec.seeds[0]}))
         except ConfigError as e:
             raise AblationError(
                 f"{where}: the cell {show_values(cell)} gives an invalid config: {short_error(e)}"
@@ -311,61 +359,19 @@ def _validate(data: Any, path: Path, where: str) -> AblationSpec:
     return spec
 
 
-def _raise_ab(where: str, errs: list[str]) -> None:
-    try:
-        raise_errors(where, errs)
-    except SpaceError as e:
-        raise AblationError(str(e)) from None
-
-
-def _parse_seeds(seeds: Any, errs: list[str]) -> list[int] | None:
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        if not 1 <= seeds <= MAX_RUNS:
-            errs.append(f"seeds: a count must be in [1, {MAX_RUNS}], got {seeds}")
-            return None
-        return list(range(seeds))
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-    ):
-        errs.append(
-            f"seeds: must be a count (e.g. 3 -> seeds 0, 1, 2) or a non-empty list of integers, "
-            f"got {describe(seeds)}"
-        )
-        return None
-    if len(set(seeds)) != len(seeds):
-        errs.append(f"seeds: contains duplicates: {seeds}")
-    if any(not 0 <= s <= MAX_SEED for s in seeds):
-        errs.append(f"seeds: every seed must be in [0, 2**32 - 1], got {seeds}")
-    return seeds
-
-
-def _parse_factors(
-    factors: Any, method: str | None, base: dict | None, errs: list[str]
-) -> list[tuple[str, list[Any]]] | None:
-    if not isinstance(factors, Mapping) or not 1 <= len(factors) <= 2:
-        errs.append(
-            "factors: must map one or two dotted config paths to lists of values, e.g. "
-            f"method.contrast_count: [2, 3, 4, 6]; got {describe(factors)}"
-        )
-        return None
+def _factors(f: AblationFile, base: dict[str, Any], errs: list[str]) -> list[tuple[str, list]]:
+    """The factors against the method's config: each path a field that may vary, its values of
+    the field's type (a tuple field's as lists), distinct, not fixed in ``base``."""
     out = []
-    for path, values in factors.items():
+    for path, values in f.factors.items():
         key = f"factors.{path}"
-        if not isinstance(path, str):
-            errs.append(f"factors: key {path!r} must be a dotted config path like optim.lr")
-            continue
-        why = path_error(path, method, "ablated")
+        why = path_error(path, f.method, "ablated")
         if why is None and path in ("train.epochs", SEED_PATH):
             why = "is set by budget.epochs / seeds, it cannot be a factor"
         if why is not None:
             errs.append(f"{key}: {why}")
             continue
-        if not isinstance(values, list) or len(values) < 2:
-            errs.append(f"{key}: must be a list of at least 2 values, got {describe(values)}")
-            continue
-        args = None if path.startswith("method.") and method is None else tuple_args(path, method)
+        args = tuple_args(path, f.method)
         if args is not None:
             # a tuple field (augment.crop_scale, ...): each value is a list, e.g. [0.08, 1.0]
             normalized = [normalize_tuple(v, args) for v in values]
@@ -384,7 +390,7 @@ def _parse_factors(
             errs.append(f"{key}: values must be distinct, got {values}")
             continue
         section, name = path.split(".")
-        fixed = (base or {}).get(section)
+        fixed = base.get(section)
         if isinstance(fixed, Mapping) and name in fixed:
             errs.append(
                 f"{key}: also fixed in base ({section}: {{{name}: {fixed[name]!r}}}); "
@@ -392,74 +398,6 @@ def _parse_factors(
             )
             continue
         out.append((path, list(values)))
-    return out
-
-
-def _parse_couplings(
-    couple: Any, factors: list[tuple[str, list[Any]]], method: str, base: dict, errs: list[str]
-) -> list[Coupling]:
-    if couple is None:
-        return []
-    if not isinstance(couple, Mapping):
-        errs.append(
-            "couple: must map a config path to {follows: <factor>, rule: linear|sqrt, "
-            f"reference: <number>}}, got {describe(couple)}"
-        )
-        return []
-    factor_paths = [p for p, _ in factors]
-    out = []
-    for target, spec in couple.items():
-        key = f"couple.{target}"
-        why = path_error(str(target), method, "coupled")
-        if why is not None:
-            errs.append(f"{key}: {why}")
-            continue
-        if target in factor_paths or target == SEED_PATH:
-            errs.append(f"{key}: is a factor (or the seed); a coupled path must be another one")
-            continue
-        if not isinstance(spec, Mapping):
-            errs.append(f"{key}: must be a mapping with keys {', '.join(_COUPLE_KEYS)}")
-            continue
-        bad = [k for k in spec if k not in _COUPLE_KEYS]
-        if bad:
-            errs.append(unknown_key(f"{key}.{bad[0]}", str(bad[0]), _COUPLE_KEYS))
-            continue
-        follows, rule, ref = spec.get("follows"), spec.get("rule", "linear"), spec.get("reference")
-        if follows not in factor_paths:
-            errs.append(f"{key}.follows: must name a factor; allowed: {', '.join(factor_paths)}")
-            continue
-        if rule not in RULES:
-            errs.append(f"{key}.rule: {rule!r}; allowed: {', '.join(RULES)}")
-            continue
-        if not is_finite_number(ref) or ref <= 0:
-            errs.append(f"{key}.reference: must be a number > 0, got {describe(ref)}")
-            continue
-        values = dict(factors)[follows]
-        if not all(is_finite_number(v) and v > 0 for v in values):
-            errs.append(f"{key}.follows: factor {follows} must have positive numeric values")
-            continue
-        # the base value (or the default) is what gets scaled; the resolved config shows it
-        out.append(Coupling(str(target), follows, rule, float(ref)))
-    return out
-
-
-def _parse_smoke(
-    smoke: Any, factors: list[tuple[str, list[Any]]], errs: list[str]
-) -> dict[str, tuple[Any, ...]]:
-    if smoke is None:
-        return {}
-    paths = [p for p, _ in factors]
-    if not isinstance(smoke, Mapping):
-        errs.append(f"smoke: must map factor paths to small values for --smoke-test, got {smoke!r}")
-        return {}
-    out = {}
-    for path, values in smoke.items():
-        if path not in paths:
-            errs.append(f"smoke.{path}: not a factor; allowed: {', '.join(paths)}")
-        elif not isinstance(values, list) or len(values) < 2:
-            errs.append(f"smoke.{path}: must be a list of at least 2 values, got {values!r}")
-        else:
-            out[path] = tuple(values)
     return out
 
 

@@ -33,34 +33,30 @@ import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
-from contrastlab.config import Config, ConfigError
+from contrastlab.config import Config, ConfigError, did_you_mean, rule
 from contrastlab.sweep.spec import (
     MAX_SEED,
     Param,
     Resources,
     SpaceError,
+    SpecFile,
+    SpecModel,
     UniqueKeyLoader,
     as_list,
     build_config,
-    check_top_keys,
     describe,
-    did_you_mean,
     field_annotation,
     field_info,
-    int_at_least,
-    is_finite_number,
     is_integer,
     is_scalar,
     metric_errors,
     normalize_tuple,
-    parse_base,
-    parse_budget,
-    parse_method_metric_mode,
-    parse_resources,
+    parse_spec,
     path_error,
     prefix_base,
     raise_errors,
@@ -68,7 +64,6 @@ from contrastlab.sweep.spec import (
     short_error,
     show_values,
     tuple_args,
-    unknown_key,
 )
 
 if TYPE_CHECKING:
@@ -76,69 +71,153 @@ if TYPE_CHECKING:
 
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "categorical")
-SCHEDULERS = ("asha", "fifo")
 ABLATIONS_DIR = "ablations"
 """Folder of ablation specs inside a search-space folder (skipped by :func:`find_spaces`)."""
 MAX_COMBINATIONS = 256
 """Up to this many combinations of categorical choices are each built and validated on load."""
 
 
-_TOP_KEYS = (
-    "method",
-    "base",
-    "params",
-    "metric",
-    "mode",
-    "budget",
-    "scheduler",
-    "trials",
-    "concurrency",
-    "resources",
-    "seed",
-)
-_REQUIRED = ("method", "params", "metric", "mode", "trials", "budget")
-_DIST_KEYS = {
-    "uniform": ("dist", "low", "high", "when"),
-    "loguniform": ("dist", "low", "high", "when"),
-    "int": ("dist", "low", "high", "step", "log", "when"),
-    "categorical": ("dist", "choices", "when"),
-}
-_SCHEDULER_KEYS = {
-    "asha": ("name", "grace_period", "reduction_factor"),
-    "fifo": ("name",),
-}
-_DEFAULT_SCHEDULER = {"name": "asha", "grace_period": 1, "reduction_factor": 3}
-_DEFAULT_RESOURCES = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}
 _MAX_INT = 2**53  # larger int ends lose precision in the float64 samplers
-_EXAMPLE = "{dist: loguniform, low: 0.01, high: 1.0}"
 
 
-# --------------------------------------------------------------------------- data model
+# --------------------------------------------------------------------------- file structure
 
 
-@dataclass(frozen=True)
-class Scheduler:
-    """Trial scheduler: ``asha`` (early stopping on :attr:`SearchSpace.metric`) or ``fifo``.
+class Asha(SpecModel):
+    """Trial scheduler: ASHA early stopping on :attr:`SearchSpace.metric` (the default).
 
     Attributes:
-        name: ``asha`` or ``fifo``.
         grace_period: Epochs every trial runs before ASHA may stop it.
         reduction_factor: ASHA keeps the best ``1 / reduction_factor`` at each rung.
     """
 
-    name: str = "asha"
-    grace_period: int = 1
-    reduction_factor: int = 3
+    name: Literal["asha"] = "asha"
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: int = Field(default=3, ge=2)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The scheduler's YAML form."""
-        if self.name == "fifo":
-            return {"name": "fifo"}
-        return {
-            "name": self.name,
-            "grace_period": self.grace_period,
-            "reduction_factor": self.reduction_factor,
-        }
+
+class Fifo(SpecModel):
+    """Trial scheduler: every trial runs its whole budget."""
+
+    name: Literal["fifo"] = "fifo"
+
+
+Scheduler = Annotated[Asha | Fifo, Field(discriminator="name")]
+
+
+def _not_text(value: Any) -> Any:
+    """A number YAML read as text (``1e-3``: it wants a dot and a signed exponent) is named."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return value  # the type check names it
+        raise rule(
+            f"must be a number, not the text {value!r}: YAML reads this as text; write floats "
+            "with a dot and a signed exponent, e.g. 1.0e-6 or 1.0e+3"
+        )
+    return value
+
+
+def _scalar(value: Any) -> Any:
+    if not is_scalar(value):
+        raise rule(f"value must be a scalar (compared with ==), got {describe(value)}")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_not_text)]
+When = Annotated[dict[str, Annotated[Any, AfterValidator(_scalar)]], Field(min_length=1)] | None
+"""``when``: ``{config path: value}``, every one must hold for the param to be sampled."""
+
+
+class _ParamSpec(SpecModel):
+    dist: str
+
+
+class _RangeSpec(_ParamSpec):
+    low: Number
+    high: Number
+    when: When = None
+
+    @model_validator(mode="after")
+    def _range(self) -> _RangeSpec:
+        low, high = self.low, self.high
+        step, log = getattr(self, "step", None), getattr(self, "log", False)
+        if not low < high:
+            raise rule(
+                f"low ({low}) must be less than high ({high}); a value that is not searched "
+                "belongs in base"
+            )
+        if self.dist == "loguniform" and low <= 0:
+            raise rule(f"loguniform needs low > 0, got {low}; allowed: low > 0", at="low")
+        if log and low < 1:
+            raise rule(f"int with log: true needs low >= 1, got {low}", at="low")
+        if log and step not in (None, 1):
+            raise rule(f"int with log: true takes no step (got {step}); allowed: 1", at="step")
+        if step is not None and (high - low) % step:
+            raise rule(
+                f"high - low ({high - low}) must be a multiple of step ({step}) so that high is "
+                f"reachable; e.g. high: {low + (high - low) // step * step}",
+                at="step",
+            )
+        return self
+
+
+class UniformSpec(_RangeSpec):
+    dist: Literal["uniform"]
+
+
+class LogUniformSpec(_RangeSpec):
+    dist: Literal["loguniform"]
+
+
+class IntSpec(_RangeSpec):
+    dist: Literal["int"]
+    low: Annotated[int, BeforeValidator(_not_text), Field(ge=-_MAX_INT, le=_MAX_INT)]
+    high: Annotated[int, BeforeValidator(_not_text), Field(ge=-_MAX_INT, le=_MAX_INT)]
+    step: Annotated[int, Field(ge=1)] | None = None
+    log: bool = False
+
+
+class CategoricalSpec(_ParamSpec):
+    dist: Literal["categorical"]
+    choices: list[Any] = Field(min_length=1)
+    when: When = None
+
+
+ParamSpec = Annotated[
+    UniformSpec | LogUniformSpec | IntSpec | CategoricalSpec, Field(discriminator="dist")
+]
+"""One ``params`` entry as written; :func:`_param` checks it against the searched field."""
+
+
+class SpaceFile(SpecFile):
+    """A search space file's structure (see the module docstring): its own keys, types and
+    ranges. :func:`load_space` then checks it against the method's config."""
+
+    params: dict[str, ParamSpec] = Field(min_length=1)
+    scheduler: Scheduler = Asha()
+    trials: int = Field(ge=1)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="the sampler seed")
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _asha_by_default(cls, value: Any) -> Any:
+        return {"name": "asha", **value} if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _fits(self) -> SpaceFile:
+        epochs = self.budget.epochs
+        if isinstance(self.scheduler, Asha) and self.scheduler.grace_period > epochs:
+            raise rule(
+                f"{self.scheduler.grace_period} is more than budget.epochs ({epochs}); "
+                f"allowed: 1 to {epochs}",
+                at="scheduler.grace_period",
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- data model
 
 
 @dataclass(frozen=True)
@@ -260,7 +339,7 @@ class SearchSpace:
                 deep into ``base``), ``params`` (mapping in YAML form, or Params; replaces
                 them all), ``param_overrides`` (``{path: spec}`` replaces or adds one param,
                 ``{path: None}`` stops searching it, e.g. to fix it in ``base``), ``metric``,
-                ``mode``, ``epochs``, ``scheduler``/``resources`` (a dataclass, or a mapping
+                ``mode``, ``epochs``, ``scheduler``/``resources`` (a model, or a mapping
                 merged over the current one), ``trials``, ``concurrency``, ``seed``. Lowering
                 ``epochs`` without passing ``scheduler`` lowers ASHA's ``grace_period`` to fit,
                 and a ``train.epochs`` in ``base`` follows ``epochs``.
@@ -338,11 +417,11 @@ class SearchSpace:
                 else:
                     merged[key] = copy.deepcopy(spec.to_dict() if isinstance(spec, Param) else spec)
             raw["params"] = merged
-        for key, cls in (("scheduler", Scheduler), ("resources", Resources)):
+        for key in ("scheduler", "resources"):
             if key not in changes:
                 continue
             value = changes[key]
-            if isinstance(value, cls):
+            if isinstance(value, SpecModel):
                 raw[key] = value.to_dict()
             elif isinstance(value, Mapping):
                 same = key != "scheduler" or value.get("name", raw[key]["name"]) == "asha"
@@ -423,41 +502,15 @@ def find_spaces(root: str | Path) -> list[Path]:
 
 
 def _validate(data: Any, path: Path) -> SearchSpace:
-    """Check every part of a space; raise one :class:`SpaceError` listing the problems."""
+    """Check a space's structure (:class:`SpaceFile`), then each part against the method's
+    config; raise one :class:`SpaceError` listing the problems of the first stage that has any.
+    """
     where = str(path)
-    check_top_keys(data, where, _TOP_KEYS, _REQUIRED)
+    f = parse_spec(SpaceFile, data, where)
+    method, base, epochs = f.method, copy.deepcopy(f.base or {}), f.budget.epochs
     errs: list[str] = []
-
-    # ---- scalars and small sections
-    method, metric, mode = parse_method_metric_mode(data, errs)
-    trials = int_at_least(data["trials"], 1, "trials", errs)
-    concurrency = int_at_least(data.get("concurrency", 1), 1, "concurrency", errs)
-    seed = data.get("seed", 0)
-    if not is_integer(seed) or not 0 <= seed <= MAX_SEED:
-        errs.append(f"seed: must be an integer in [0, 2**32 - 1] (the sampler seed), got {seed!r}")
-    epochs = parse_budget(data["budget"], errs)
-    scheduler = _parse_scheduler(data.get("scheduler", _DEFAULT_SCHEDULER), epochs, errs)
-    resources = parse_resources(data.get("resources", _DEFAULT_RESOURCES), errs)
-    base = parse_base(data.get("base"), method, epochs, errs)
-    params_raw = data["params"]
-    if not isinstance(params_raw, Mapping) or not params_raw:
-        errs.append(
-            f"params: must be a non-empty mapping of dotted config paths to distributions, "
-            f"e.g. method.temperature: {_EXAMPLE}; got {params_raw!r}"
-        )
-        params_raw = {}
-    parsed: list[Param] = []
-    for key, spec in params_raw.items():
-        if not isinstance(key, str):
-            errs.append(f"params: key {key!r} must be a dotted config path like optim.lr")
-            continue
-        param = _parse_param(key, spec, method, errs)
-        if param is not None:
-            parsed.append(param)
+    parsed = [p for key, spec in f.params.items() if (p := _param(key, spec, method, errs))]
     raise_errors(where, errs)
-    # all set once no error was reported (for type checkers)
-    assert method is not None and base is not None and epochs is not None
-    assert trials is not None and concurrency is not None
 
     # ---- base must be a valid config on its own
     try:
@@ -491,8 +544,8 @@ def _validate(data: Any, path: Path) -> SearchSpace:
     raise_errors(where, errs)
 
     # ---- metric, schedule, resources against the resolved base config
-    errs.extend(metric_errors(metric, mode, method, base_cfg, searched))
-    errs.extend(resource_errors(resources, base_cfg, by_path))
+    errs.extend(metric_errors(f.metric, f.mode, method, base_cfg, searched))
+    errs.extend(resource_errors(f.resources, base_cfg, by_path))
     raise_errors(where, errs)
 
     space = SearchSpace(
@@ -501,14 +554,14 @@ def _validate(data: Any, path: Path) -> SearchSpace:
         method=method,
         base=base,
         params=tuple(ordered),
-        metric=metric,
-        mode=mode,
+        metric=f.metric,
+        mode=f.mode,
         epochs=epochs,
-        scheduler=scheduler,
-        trials=trials,
-        concurrency=concurrency,
-        resources=resources,
-        seed=seed,
+        scheduler=f.scheduler,
+        trials=f.trials,
+        concurrency=f.concurrency,
+        resources=f.resources,
+        seed=f.seed,
     )
     _check_values(space, required, base_flat)
     return space
@@ -590,139 +643,36 @@ def _check_values(space: SearchSpace, required: dict[str, dict[str, Any]], base_
             )
 
 
-def _parse_scheduler(sched: Any, epochs: int | None, errs: list[str]) -> Scheduler:
-    if not isinstance(sched, Mapping):
-        errs.append(
-            f"scheduler: must be a mapping like {{name: asha, grace_period: 5, "
-            f"reduction_factor: 3}} or {{name: fifo}}, got {sched!r}"
-        )
-        return Scheduler()
-    name = sched.get("name", "asha")
-    if name not in SCHEDULERS:
-        errs.append(
-            f"scheduler.name: unknown scheduler {name!r}{did_you_mean(name, SCHEDULERS)}; "
-            f"allowed: {', '.join(SCHEDULERS)}"
-        )
-        return Scheduler()
-    for key in sched:
-        if key not in _SCHEDULER_KEYS[name]:
-            errs.append(
-                unknown_key(f"scheduler.{key}", str(key), _SCHEDULER_KEYS[name]) + f" (for {name})"
-            )
-    if name == "fifo":
-        return Scheduler(name="fifo")
-    grace = int_at_least(sched.get("grace_period", 1), 1, "scheduler.grace_period", errs)
-    factor = int_at_least(sched.get("reduction_factor", 3), 2, "scheduler.reduction_factor", errs)
-    if grace is not None and epochs is not None and grace > epochs:
-        errs.append(
-            f"scheduler.grace_period: {grace} is more than budget.epochs ({epochs}); "
-            f"allowed: 1 to {epochs}"
-        )
-    return Scheduler(name="asha", grace_period=grace or 1, reduction_factor=factor or 3)
-
-
-def _parse_param(path: str, spec: Any, method: str | None, errs: list[str]) -> Param | None:
-    """Check one ``params`` entry's shape and numbers; append problems to ``errs``."""
+def _param(path: str, spec: ParamSpec, method: str, errs: list[str]) -> Param | None:
+    """One ``params`` entry against the method's config: the path is a field, the distribution
+    fits the field's kind, the choices its type, the conditions name fields. Problems go to
+    ``errs``."""
     key = f"params.{path}"
     n_errs = len(errs)
-    path_err = path_error(path, method, what="searched")
-    if path_err is not None:
-        errs.append(f"{key}: {path_err}")
-    if not isinstance(spec, Mapping):
-        errs.append(f"{key}: must be a mapping like {_EXAMPLE}, got {spec!r}")
+    why = path_error(path, method, what="searched") or _dist_kind_error(path, method, spec.dist)
+    if why is not None:
+        errs.append(f"{key}: {why}")
         return None
-    if "dist" not in spec:
-        errs.append(f"{key}: 'dist' is missing; allowed: {', '.join(DISTRIBUTIONS)}")
-        return None
-    dist = spec["dist"]
-    if not isinstance(dist, str) or dist not in DISTRIBUTIONS:
-        errs.append(
-            f"{key}.dist: unknown distribution {dist!r}{did_you_mean(dist, DISTRIBUTIONS)}; "
-            f"allowed: {', '.join(DISTRIBUTIONS)}"
-        )
-        return None
-    field_args = None  # the element types when the field is a tuple
-    if path_err is None and (method is not None or not path.startswith("method.")):
-        kind_err = _dist_kind_error(path, method, dist)
-        if kind_err is not None:
-            errs.append(f"{key}: {kind_err}")
-            return None
-        field_args = tuple_args(path, method)
-    allowed = _DIST_KEYS[dist]
-    for k in spec:
-        if k not in allowed:
-            errs.append(unknown_key(f"{key}.{k}", str(k), allowed) + f" (for dist: {dist})")
-    when = _parse_when(key, spec.get("when"), path, method, errs)
-    if dist == "categorical":
-        if field_args is not None:
-            choices = _parse_tuple_choices(key, spec.get("choices"), field_args, errs)
-        else:
-            choices = _parse_choices(key, spec.get("choices"), errs)
-        if len(errs) > n_errs:
-            return None
-        return Param(path=path, dist=dist, choices=choices, when=when)
-
-    is_int = dist == "int"
-    kind = "an integer" if is_int else "a number"
-    ends: dict[str, Any] = {}
-    for end in ("low", "high"):
-        if end not in spec:
-            errs.append(f"{key}.{end}: required for dist: {dist}; allowed: {kind}")
-            continue
-        v = spec[end]
-        ok = is_integer(v) if is_int else is_finite_number(v)
-        if not ok:
-            errs.append(f"{key}.{end}: must be {kind}, got {describe(v)}{_yaml_hint(v)}")
-        elif is_int and abs(v) > _MAX_INT:
-            errs.append(f"{key}.{end}: {v} is too large; allowed: integers within +-2**53")
-        else:
-            ends[end] = v if is_int else float(v)
-    step = spec.get("step")
-    if step is not None and (not is_integer(step) or step < 1):
-        errs.append(f"{key}.step: must be an integer >= 1, got {describe(step)}")
-        step = None
-    log = spec.get("log", False)
-    if not isinstance(log, bool):
-        errs.append(f"{key}.log: must be true or false, got {describe(log)}")
-        log = False
-    if len(ends) == 2:
-        low, high = ends["low"], ends["high"]
-        if not low < high:
-            errs.append(
-                f"{key}: low ({low}) must be less than high ({high}); "
-                "a value that is not searched belongs in base"
-            )
-        elif dist == "loguniform" and low <= 0:
-            errs.append(f"{key}.low: loguniform needs low > 0, got {low}; allowed: low > 0")
-        elif log and low < 1:
-            errs.append(f"{key}.low: int with log: true needs low >= 1, got {low}")
-        elif log and step not in (None, 1):
-            errs.append(f"{key}.step: int with log: true takes no step (got {step}); allowed: 1")
-        elif step is not None and (high - low) % step:
-            errs.append(
-                f"{key}.step: high - low ({high - low}) must be a multiple of step ({step}) so "
-                f"that high is reachable; e.g. high: {low + (high - low) // step * step}"
-            )
-    if len(errs) > n_errs:
-        return None
-    return Param(
-        path=path,
-        dist=dist,
-        low=ends["low"],
-        high=ends["high"],
-        step=step,
-        log=log,
-        when=when,
+    when = dict(spec.when or {})
+    for cond in when:
+        why = "a param cannot depend on itself" if cond == path else None
+        why = why or path_error(cond, method, what="conditioned on")
+        if why is not None:
+            errs.append(f"{key}.when.{cond}: {why}")
+    if not isinstance(spec, CategoricalSpec):
+        step, log = (spec.step, spec.log) if isinstance(spec, IntSpec) else (None, False)
+        p = Param(path, spec.dist, low=spec.low, high=spec.high, step=step, log=log, when=when)
+        return p if len(errs) == n_errs else None
+    args = tuple_args(path, method)
+    choices = (
+        _tuple_choices(key, spec.choices, args, errs)
+        if args is not None
+        else _choices(key, spec.choices, errs)
     )
+    return Param(path, spec.dist, choices=choices, when=when) if len(errs) == n_errs else None
 
 
-def _parse_choices(key: str, choices: Any, errs: list[str]) -> tuple[Any, ...] | None:
-    if choices is None or not isinstance(choices, list) or not choices:
-        errs.append(
-            f"{key}.choices: must be a non-empty list of values, got {describe(choices)}; "
-            "e.g. choices: [256, 512]"
-        )
-        return None
+def _choices(key: str, choices: list[Any], errs: list[str]) -> tuple[Any, ...] | None:
     seen: list[tuple[type, Any]] = []
     for c in choices:
         if not is_scalar(c):
@@ -738,24 +688,17 @@ def _parse_choices(key: str, choices: Any, errs: list[str]) -> tuple[Any, ...] |
     return tuple(choices)
 
 
-def _parse_tuple_choices(
-    key: str, choices: Any, args: tuple[Any, ...], errs: list[str]
+def _tuple_choices(
+    key: str, choices: list[Any], args: tuple[Any, ...], errs: list[str]
 ) -> tuple[Any, ...] | None:
     """Choices of a tuple field: each one a list matching the field (kept as tuples)."""
-    example = _tuple_example(args)
-    if choices is None or not isinstance(choices, list) or not choices:
-        errs.append(
-            f"{key}.choices: must be a non-empty list of {_tuple_kind(args)}, got "
-            f"{describe(choices)}; e.g. choices: [{example}, ...]"
-        )
-        return None
     out: list[tuple[Any, ...]] = []
     for c in choices:
         value, why = normalize_tuple(c, args)
         if value is None:
             errs.append(
                 f"{key}.choices: {describe(c)} is not allowed: {why}; this field is a tuple, "
-                f"each choice must be {_tuple_kind(args, one=True)}, e.g. {example}"
+                f"each choice must be {_tuple_kind(args)}, e.g. {_tuple_example(args)}"
             )
             return None
         if value in out:
@@ -765,16 +708,11 @@ def _parse_tuple_choices(
     return tuple(out)
 
 
-def _tuple_kind(args: tuple[Any, ...], one: bool = False) -> str:
-    """What a value of a ``tuple[*args]`` field looks like in YAML (``one``: singular)."""
-    what = "list" if one else "lists"
+def _tuple_kind(args: tuple[Any, ...]) -> str:
+    """What a value of a ``tuple[*args]`` field looks like in YAML."""
     if len(args) == 2 and args[1] is Ellipsis:
-        return f"a {what}" if one else what
-    if all(a is float for a in args):
-        what += f" of {len(args)} numbers"
-    else:
-        what += f" of {len(args)} values"
-    return f"a {what}" if one else what
+        return "a list"
+    return f"a list of {len(args)} {'numbers' if all(a is float for a in args) else 'values'}"
 
 
 def _tuple_example(args: tuple[Any, ...]) -> str:
@@ -803,39 +741,6 @@ def _dist_kind_error(path: str, method: str | None, dist: str) -> str | None:
 
 def _type_name(ann: Any) -> str:
     return str(ann).replace("typing.", "")
-
-
-def _parse_when(
-    key: str, when: Any, path: str, method: str | None, errs: list[str]
-) -> dict[str, Any]:
-    if when is None:
-        return {}
-    if not isinstance(when, Mapping) or not when:
-        errs.append(
-            f"{key}.when: must be a non-empty mapping of config paths to values, e.g. "
-            f"{{method.variant: v2}}, got {describe(when)}"
-        )
-        return {}
-    out = {}
-    for cond, value in when.items():
-        if not isinstance(cond, str):
-            errs.append(f"{key}.when: key {cond!r} must be a dotted config path")
-            continue
-        if cond == path:
-            errs.append(f"{key}.when.{cond}: a param cannot depend on itself")
-            continue
-        err = path_error(cond, method, what="conditioned on")
-        if err is not None:
-            errs.append(f"{key}.when.{cond}: {err}")
-            continue
-        if not is_scalar(value):
-            errs.append(
-                f"{key}.when.{cond}: value must be a scalar (compared with ==), "
-                f"got {describe(value)}"
-            )
-            continue
-        out[cond] = value
-    return out
 
 
 def _field_kind_errors(p: Param, method: str) -> list[str]:
@@ -957,26 +862,17 @@ def _deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _yaml_hint(x: Any) -> str:
-    if isinstance(x, str):
-        try:
-            float(x)
-        except ValueError:
-            return ""
-        return (
-            "; YAML reads this as text: write floats with a dot and a signed exponent, "
-            "e.g. 1.0e-6 or 1.0e+3"
-        )
-    return ""
-
-
 __all__ = [
     "DISTRIBUTIONS",
     "MAX_COMBINATIONS",
+    "Asha",
+    "Fifo",
     "Param",
+    "ParamSpec",
     "Resources",
     "Scheduler",
     "SearchSpace",
+    "SpaceFile",
     "SpaceError",
     "find_spaces",
     "load_space",

@@ -2,8 +2,9 @@
 
 A search space (:mod:`contrastlab.sweep.space`) and an ablation spec
 (:mod:`contrastlab.sweep.ablation`) are both YAML files naming a method, a base config, a metric
-and a budget. The checks they have in common, and the error wording (key, rule, "did you mean",
-what is allowed), live here so both formats say the same thing about the same mistake.
+and a budget. The parts they have in common (strict pydantic models of their own fields, with
+the config's error wording: key, rule, "did you mean", what is allowed) and the checks against
+the method's config live here, so both formats say the same thing about the same mistake.
 
 This module imports neither torch nor Optuna, so a driver can validate specs cheaply.
 """
@@ -11,17 +12,17 @@ This module imports neither torch nor Optuna, so a driver can validate specs che
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import math
 import re
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeVar
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from contrastlab.config import (
     LABEL_FREE_METRICS,
@@ -29,10 +30,13 @@ from contrastlab.config import (
     SECTIONS,
     Config,
     ConfigError,
-    find_method_config,
+    did_you_mean,
+    error_lines,
+    import_method_modules,
     make_config,
     metric_owners,
     reported_metrics,
+    rule,
     tiny_raw,
 )
 
@@ -97,7 +101,6 @@ class SweepSpec(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
-MODES = ("max", "min")
 KNN_METRICS = ("knn_top1", "knn_top5")
 SMOKE_SECTIONS = ("train.", "data.", "model.", "eval.")
 """A smoke test fixes these sections at the tiny setting rather than search them."""
@@ -119,9 +122,6 @@ def smoke_fixed(method: str) -> tuple[str, ...]:
     """Path prefixes a smoke sweep of ``method`` fixes instead of searching: the tiny sections
     and the method's ``smoke_fixed`` sizes."""
     return SMOKE_SECTIONS + tuple(f"method.{f}" for f in METHOD_CONFIGS[method].smoke_fixed)
-
-
-RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker")
 
 
 MAX_SEED = 2**32 - 1  # numpy's seed range, which Optuna's samplers use
@@ -224,8 +224,51 @@ class Param:
         return out
 
 
-@dataclass(frozen=True)
-class Resources:
+class SpecModel(BaseModel):
+    """A part of a sweep spec as its YAML holds it: unknown keys raise, types are strict (no
+    ``"3"`` for 3, no ``3.0`` or ``true`` for an integer, no nan), nothing mutates after parsing.
+    Errors read like the config's (:func:`~contrastlab.config.error_lines`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form."""
+        return self.model_dump()
+
+
+def one_of(allowed: Callable[[], Iterable[str]], what: str) -> AfterValidator:
+    """A text value that must be one of ``allowed()`` (looked up when validating); ``what``
+    says what it is not, with ``{value}`` for the value."""
+
+    def check(value: str) -> str:
+        names = tuple(allowed())
+        if value not in names:
+            hint = did_you_mean(value, names)
+            raise rule(f"{what.format(value=repr(value))}{hint}; allowed: {', '.join(names)}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _registered_methods() -> Iterable[str]:
+    import_method_modules()  # a user's own methods (config.METHODS_ENV) are registered too
+    return METHOD_CONFIGS
+
+
+MethodName = Annotated[str, one_of(_registered_methods, "unknown method {value}")]
+MetricName = Annotated[str, one_of(reported_metrics, "{value} is not a metric the trainer reports")]
+Mode = Literal["max", "min"]
+Base = dict[str, dict[str, Any] | None] | None
+"""``base``: config sections to fields, as in a config file."""
+
+
+class Budget(SpecModel):
+    """``budget``: what each trial may spend."""
+
+    epochs: int = Field(ge=1, description="epochs per trial, the most ASHA runs")
+
+
+class Resources(SpecModel):
     """What one trial reserves.
 
     Attributes:
@@ -234,136 +277,81 @@ class Resources:
         gpus_per_worker: GPUs each worker reserves; below 1, several trials share a GPU.
     """
 
-    workers: int = 1
-    cpus_per_worker: float = 1
-    gpus_per_worker: float = 0
+    workers: int = Field(default=1, ge=1)
+    cpus_per_worker: float = Field(default=1, gt=0)
+    gpus_per_worker: float = Field(default=0, ge=0)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The resources' YAML form."""
-        return {
-            "workers": self.workers,
-            "cpus_per_worker": self.cpus_per_worker,
-            "gpus_per_worker": self.gpus_per_worker,
-        }
+    @model_validator(mode="after")
+    def _gpu_shares(self) -> Resources:
+        gpus, workers = self.gpus_per_worker, self.workers
+        if gpus > 1 and gpus != int(gpus):
+            raise rule(
+                f"{gpus} is neither a fraction of one GPU nor a whole number of GPUs; allowed: "
+                "0 to 1, or a whole number",
+                at="gpus_per_worker",
+            )
+        if workers > 1 and 0 < gpus < 1:
+            raise rule(
+                f"{gpus} with workers: {workers} could put two DDP ranks of one trial on the same "
+                "GPU, which NCCL refuses; allowed with workers > 1: a whole number of GPUs (or 0)",
+                at="gpus_per_worker",
+            )
+        return self
 
 
-def check_top_keys(
-    data: Any, where: str, top_keys: tuple[str, ...], required: tuple[str, ...]
-) -> None:
-    """A mapping with only known top-level keys and every required one (else SpaceError)."""
+class SpecFile(SpecModel):
+    """What every sweep spec file holds: the method, its base config, the metric to optimise,
+    the budget of each trial and what trials reserve. A format adds its own keys."""
+
+    method: MethodName
+    base: Base = None
+    metric: MetricName
+    mode: Mode
+    budget: Budget
+    concurrency: int = Field(default=1, ge=1, description="trials run at once")
+    resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _base_fits(self) -> SpecFile:
+        # the top-level method and budget are the only place these are set
+        base, epochs = self.base or {}, self.budget.epochs
+        m, t = base.get("method") or {}, base.get("train") or {}
+        if "name" in m and m["name"] != self.method:
+            raise rule(
+                f"{m['name']!r} contradicts method: {self.method}; the method is set by the "
+                "top-level `method` key: remove base.method.name",
+                at="base.method.name",
+            )
+        if "epochs" in t and t["epochs"] != epochs:
+            raise rule(
+                f"{t['epochs']!r} contradicts budget.epochs ({epochs}); the budget sets the "
+                "epochs of every trial: remove base.train.epochs",
+                at="base.train.epochs",
+            )
+        return self
+
+
+M = TypeVar("M", bound=SpecFile)
+
+
+def parse_spec(model: type[M], data: Any, where: str) -> M:
+    """Check a spec file's structure (keys, types, ranges of its own fields) into ``model``.
+
+    Raises:
+        SpaceError: One error listing every problem, the file (``where``) first.
+    """
+    required = ", ".join(n for n, f in model.model_fields.items() if f.is_required())
     if data is None:
-        raise SpaceError(f"{where}: the file is empty; required keys: {', '.join(required)}")
+        raise SpaceError(f"{where}: the file is empty; required keys: {required}")
     if not isinstance(data, Mapping):
         raise SpaceError(
-            f"{where}: top level must be a mapping with the required keys {', '.join(required)}, "
+            f"{where}: top level must be a mapping with the required keys {required}, "
             f"got {type(data).__name__}"
         )
-    errs = [unknown_key(str(key), str(key), top_keys) for key in data if key not in top_keys]
-    errs += [
-        f"{key}: required key is missing; required: {', '.join(required)}"
-        for key in required
-        if key not in data
-    ]
-    raise_errors(where, errs)
-
-
-def parse_method_metric_mode(data: Mapping[str, Any], errs: list[str]) -> tuple[Any, Any, Any]:
-    """``method`` (None when unknown), ``metric`` and ``mode``, problems appended to ``errs``."""
-    method = data["method"]
-    if find_method_config(method) is None:
-        errs.append(
-            f"method: unknown method {method!r}{did_you_mean(method, METHOD_CONFIGS)}; "
-            f"allowed: {', '.join(METHOD_CONFIGS)}"
-        )
-        method = None
-    metric = data["metric"]
-    reported = reported_metrics()
-    if not isinstance(metric, str) or metric not in reported:
-        errs.append(
-            f"metric: {metric!r} is not a metric the trainer reports"
-            f"{did_you_mean(metric, reported)}; allowed: {', '.join(reported)}"
-        )
-    mode = data["mode"]
-    if not isinstance(mode, str) or mode not in MODES:
-        errs.append(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
-    return method, metric, mode
-
-
-def parse_budget(budget: Any, errs: list[str]) -> int | None:
-    if not isinstance(budget, Mapping):
-        errs.append(f"budget: must be a mapping like {{epochs: 100}}, got {budget!r}")
-        return None
-    for key in budget:
-        if key != "epochs":
-            errs.append(unknown_key(f"budget.{key}", str(key), ("epochs",)))
-    if "epochs" not in budget:
-        errs.append("budget.epochs: required key is missing (epochs per trial, the most ASHA runs)")
-        return None
-    return int_at_least(budget["epochs"], 1, "budget.epochs", errs)
-
-
-def parse_resources(res: Any, errs: list[str]) -> Resources:
-    if not isinstance(res, Mapping):
-        errs.append(
-            "resources: must be a mapping like {workers: 1, cpus_per_worker: 2, "
-            f"gpus_per_worker: 0.5}}, got {res!r}"
-        )
-        return Resources()
-    for key in res:
-        if key not in RESOURCE_KEYS:
-            errs.append(unknown_key(f"resources.{key}", str(key), RESOURCE_KEYS))
-    workers = int_at_least(res.get("workers", 1), 1, "resources.workers", errs)
-    cpus = res.get("cpus_per_worker", 1)
-    if not is_finite_number(cpus) or cpus <= 0:
-        errs.append(f"resources.cpus_per_worker: must be a number > 0, got {cpus!r}")
-        cpus = 1
-    gpus = res.get("gpus_per_worker", 0)
-    if not is_finite_number(gpus) or gpus < 0:
-        errs.append(f"resources.gpus_per_worker: must be a number >= 0, got {gpus!r}")
-        gpus = 0
-    elif gpus > 1 and gpus != int(gpus):
-        errs.append(
-            f"resources.gpus_per_worker: {gpus} is neither a fraction of one GPU nor a whole "
-            "number of GPUs; allowed: 0 to 1, or a whole number"
-        )
-    elif workers is not None and workers > 1 and 0 < gpus < 1:
-        errs.append(
-            f"resources.gpus_per_worker: {gpus} with workers: {workers} could put two DDP ranks "
-            "of one trial on the same GPU, which NCCL refuses; allowed with workers > 1: "
-            "a whole number of GPUs (or 0)"
-        )
-    return Resources(workers=workers or 1, cpus_per_worker=cpus, gpus_per_worker=gpus)
-
-
-def parse_base(
-    base: Any, method: str | None, epochs: int | None, errs: list[str]
-) -> dict[str, Any] | None:
-    if base is None:
-        return {}
-    if not isinstance(base, Mapping):
-        errs.append(f"base: must be a mapping of config sections, got {base!r}")
-        return None
-    base = copy.deepcopy(dict(base))
-    for key, value in base.items():
-        if not isinstance(key, str):
-            errs.append(f"base: key {key!r} must be a config section name")
-            return None
-        if value is not None and not isinstance(value, Mapping):
-            errs.append(f"base.{key}: must be a mapping of fields, got {describe(value)}")
-            return None
-    m = base.get("method")
-    if isinstance(m, Mapping) and "name" in m and method is not None and m["name"] != method:
-        errs.append(
-            f"base.method.name: {m['name']!r} contradicts method: {method}; the method is set "
-            "by the top-level `method` key: remove base.method.name"
-        )
-    t = base.get("train")
-    if isinstance(t, Mapping) and "epochs" in t and epochs is not None and t["epochs"] != epochs:
-        errs.append(
-            f"base.train.epochs: {t['epochs']!r} contradicts budget.epochs ({epochs}); the "
-            "budget sets the epochs of every trial: remove base.train.epochs"
-        )
-    return base
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as e:
+        raise SpaceError(problems(where, error_lines(e, model))) from None
 
 
 def tuple_args(path: str, method: str | None) -> tuple[Any, ...] | None:
@@ -535,12 +523,16 @@ def build_config(
     return make_config(raw)
 
 
-def raise_errors(where: str, errs: list[str]) -> None:
-    if not errs:
-        return
+def problems(where: str, errs: list[str]) -> str:
+    """``where: the problem`` or ``where: N problems:`` and one indented line each."""
     if len(errs) == 1:
-        raise SpaceError(f"{where}: {errs[0]}")
-    raise SpaceError(f"{where}: {len(errs)} problems:\n  " + "\n  ".join(errs))
+        return f"{where}: {errs[0]}"
+    return f"{where}: {len(errs)} problems:\n  " + "\n  ".join(errs)
+
+
+def raise_errors(where: str, errs: list[str]) -> None:
+    if errs:
+        raise SpaceError(problems(where, errs))
 
 
 def short_error(err: ConfigError) -> str:
@@ -556,25 +548,6 @@ def prefix_base(err: ConfigError) -> str:
     lines = [ln for ln in lines if ln and ln != "invalid config:"]
     out = [f"base.{ln}" if re.match(r"[\w.]+[: ]", ln) else f"base: {ln}" for ln in lines]
     return out[0] if len(out) == 1 else "invalid base config: " + "; ".join(out)
-
-
-def unknown_key(key: str, name: str, allowed: Iterable[str]) -> str:
-    allowed = tuple(allowed)
-    return f"{key}: unknown key{did_you_mean(name, allowed)}; allowed: {', '.join(allowed)}"
-
-
-def did_you_mean(name: Any, allowed: Iterable[str]) -> str:
-    if not isinstance(name, str):
-        return ""
-    close = difflib.get_close_matches(name, list(allowed), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def int_at_least(value: Any, least: int, key: str, errs: list[str]) -> int | None:
-    if not is_integer(value) or value < least:
-        errs.append(f"{key}: must be an integer >= {least}, got {describe(value)}")
-        return None
-    return value
 
 
 def is_integer(x: Any) -> bool:
