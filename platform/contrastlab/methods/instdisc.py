@@ -24,7 +24,7 @@ Where we deliberately differ from upstream, and why:
 * The bank update happens in ``on_step_end`` (after the optimizer step) with the features of
   this step, which is what upstream's custom backward does; the loss of the step sees the
   bank from before the update in both cases.
-* The head defaults to one linear layer (``METHOD_DEFAULTS``), as the upstream fc to 128-d.
+* The head defaults to one linear layer (``InstDiscConfig.defaults``), as the upstream fc to 128-d.
 
 Small datasets: a Z fixed on the first batch is estimated against the random initial bank.
 When a batch is a large share of the dataset (digits: 256 of 1347 images), the whole bank is

@@ -14,7 +14,7 @@ Where we deliberately differ from upstream, and why:
   ``True``, as upstream) rather than a hidden one.
 * Upstream's ``--batch-m`` (``negM``: weight of the negatives, and hard-negative top-k mining
   when below 1) is left out: the paper's loss is ``negM = 1``.
-* The head defaults to one linear layer (``METHOD_DEFAULTS``), as upstream's fc to 128-d.
+* The head defaults to one linear layer (``InvaSpreadConfig.defaults``), as upstream's fc to 128-d.
 
 DDP: negatives come from every worker. The embeddings are gathered with the differentiable
 ``gather_cat`` (as SimCLR), every worker computes the loss of the global batch, and averaging
