@@ -20,6 +20,7 @@ import torch
 
 from contrastlab.config import apply_overrides, make_config
 from contrastlab.methods import METHODS, SMALL_DATA
+from contrastlab.rundir import RunPlace
 from contrastlab.train import train
 
 # Settings that differ from the defaults: the shared small-data table, then what the digits
@@ -70,13 +71,12 @@ def main() -> None:
     ]
     for name in args.methods:
         raw = apply_overrides({"method": {"name": name}}, OVERRIDES[name])
-        raw.setdefault("train", {}).update(run_name=name, output_dir=str(args.run_root))
         # the table's protocol: k=200, as measured (the default k now follows the memory
         # size, 27 on digits, which gives other numbers)
         raw.setdefault("eval", {}).setdefault("knn_k", KNN_K)
         cfg = make_config(raw)
         start = time.perf_counter()
-        res = train(cfg)
+        res = train(cfg, RunPlace(args.run_root / name, progress=True))
         took = time.perf_counter() - start
         f = res.final
         rows.append(

@@ -16,7 +16,7 @@ def tiny_config(name: str = "simclr", **sections):
         "method": {"name": name},
         "model": {"backbone": "convnet", "width": 8, "head_hidden_dim": 32, "proj_dim": 16},
         "data": {"dataset": "digits", "image_size": 16, "max_train_samples": 256},
-        "train": {"epochs": 1, "batch_size": 64, "progress": False, "device": "cpu"},
+        "train": {"epochs": 1, "batch_size": 64, "device": "cpu"},
         "eval": {"knn_k": 20, "num_patches": 4},
     }
     if name == "moco":

@@ -12,7 +12,7 @@ from tests.conftest import tiny_config
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_trains_one_step(name):
     cfg = tiny_config(name)
-    trainer = Trainer(cfg, run_dir=None)
+    trainer = Trainer(cfg)
     before = [p.detach().clone() for p in trainer.method.backbone.parameters()]
     images = trainer.train_set.images[:64]
     labels = trainer.train_set.labels[:64]

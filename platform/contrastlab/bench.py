@@ -59,6 +59,7 @@ from contrastlab.config import METHOD_CONFIGS, AugmentConfig, Config, make_confi
 from contrastlab.data import DatasetSplits, ImageDataset
 from contrastlab.data.core import channel_stats
 from contrastlab.methods import METHODS, build_method
+from contrastlab.rundir import RunPlace
 from contrastlab.train import Trainer
 
 __all__ = [
@@ -219,7 +220,6 @@ def bench_config(method: str, s: BenchSettings, reference: bool = False) -> Conf
             "compile": False if reference else s.compile,
             "channels_last": False if reference else s.channels_last,
             "deterministic": s.deterministic,
-            "progress": False,
             "epochs": 1,
         },
     }
@@ -630,7 +630,7 @@ def measure(
     losses: list[torch.Tensor] = []
     if ours:
         cfg = bench_config(method, s)
-        trainer = Trainer(cfg, run_dir=Path(workdir) / method, data=data)
+        trainer = Trainer(cfg, RunPlace(Path(workdir) / method), data=data)
         p, losses = ours_pipeline(trainer, steps)
         B = trainer.local_batch
         flops = count_step_flops(
@@ -644,7 +644,7 @@ def measure(
         pipes.append(p)
     if reference:
         ref_cfg = bench_config(method, s, reference=True)
-        ref_trainer = Trainer(ref_cfg, run_dir=Path(workdir) / f"{method}-ref", data=data)
+        ref_trainer = Trainer(ref_cfg, RunPlace(Path(workdir) / f"{method}-ref"), data=data)
         p = reference_pipeline(ref_trainer, s)
         peaks[p.name] = warm_up(p, device, s.warmup)
         pipes.append(p)

@@ -2,41 +2,27 @@
 
 Ray stays outside: the caller passes ``hooks``, called after every epoch with the metrics and
 the path of the checkpoint just written, which is where a Ray integration reports to Tune.
-
-A run directory holds::
-
-    config.yaml          the resolved config (every default filled in)
-    protocol.json        how the evaluation numbers were produced
-    metrics.jsonl        one JSON line per epoch (epoch 0 = before training, when measured)
-    checkpoints/epoch_NNNN.pt   model, optimizer, RNG states, history (weights_only-loadable)
-    summary.json         final metrics, written when training finishes
-    mlflow_run.json      the MLflow run it logs to (``contrastlab train --tracking-uri``)
+What a run writes, and where, is :mod:`contrastlab.rundir`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
-import os
-import shutil
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from contrastlab import evaluate
 from contrastlab.augment import BatchAugment
-from contrastlab.config import Config, ConfigError, make_config
+from contrastlab.config import Config, ConfigError, saved_config
 from contrastlab.data import DatasetSplits, load_dataset
 from contrastlab.distributed import (
     all_reduce_mean,
@@ -47,6 +33,20 @@ from contrastlab.distributed import (
 )
 from contrastlab.methods import Method, build_method
 from contrastlab.optim import build_optimizer, lr_at
+from contrastlab.rundir import (
+    CheckpointError,
+    RunPlace,
+    append_metrics,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    make_run_dir,
+    prune_checkpoints,
+    save_checkpoint,
+    write_metrics,
+    write_run_files,
+    write_summary,
+)
 from contrastlab.tracking import source_digest
 
 Hook = Callable[[int, dict[str, float], Path | None], None]
@@ -55,10 +55,6 @@ Hook = Callable[[int, dict[str, float], Path | None], None]
 
 class DivergenceError(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read."""
 
 
 @dataclass
@@ -92,76 +88,6 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: a crash or a full disk mid-write leaves the previous file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        # serialise in memory first: torch's zip writer turns a full disk into an opaque
-        # "unexpected pos" error, a plain write gives the OS's own (ENOSPC, EDQUOT, ...)
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        with open(tmp, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as e:  # disk full, permissions, unpicklable state: all fatal, all named
-        tmp.unlink(missing_ok=True)
-        free = ""
-        if isinstance(e, OSError):
-            with contextlib.suppress(OSError):
-                free = f" ({shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there)"
-        raise CheckpointError(f"could not write checkpoint {path}: {e}{free}") from e
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no arbitrary code from pickles)."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    except Exception as e:  # torch raises several types for a corrupt or foreign file
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a contrastlab checkpoint: {e}"
-        ) from e
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("epoch_*.pt"))
-    return ckpts[-1] if ckpts else None
-
-
-def checkpoint_epoch(path: Path) -> int:
-    """The epoch a checkpoint file holds, from its name (``epoch_NNNN.pt``, see :meth:`fit`)."""
-    return int(Path(path).stem.split("_")[1])
-
-
-def _prune_checkpoints(run_dir: Path, keep: int) -> None:
-    for old in sorted((run_dir / "checkpoints").glob("epoch_*.pt"))[:-keep]:
-        old.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------- run directory
-
-
-def make_run_dir(cfg: Config) -> Path:
-    name = cfg.train.run_name or (
-        f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.method.name}-{cfg.data.dataset}"
-    )
-    return Path(cfg.train.output_dir) / name
-
-
-def load_run_config(run_dir: str | Path) -> Config:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"cannot resume: {path} not found (is {run_dir} a run directory?)")
-    return make_config(yaml.safe_load(path.read_text()))
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -170,7 +96,8 @@ class Trainer:
 
     Args:
         cfg: the run config.
-        run_dir: where outputs go (default: ``train.output_dir/train.run_name``).
+        place: where the run writes its files and whether it shows progress (default: a new
+            time-stamped directory under ``runs/``, no progress output).
         hooks: called after each epoch (see :data:`Hook`).
         data: pre-loaded dataset splits (default: loaded from ``cfg.data``).
     """
@@ -178,12 +105,12 @@ class Trainer:
     def __init__(
         self,
         cfg: Config,
-        run_dir: str | Path | None = None,
+        place: RunPlace | None = None,
         hooks: Sequence[Hook] = (),
         data: DatasetSplits | None = None,
     ) -> None:
         self.cfg = cfg
-        self.run_dir = Path(run_dir) if run_dir is not None else make_run_dir(cfg)
+        self.place = place if place is not None else RunPlace(make_run_dir(cfg))
         self.hooks = list(hooks)
         self.device = resolve_device(cfg.train.device)
         self.rank, self.world = rank(), world_size()
@@ -294,10 +221,10 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
         if state.get("format") != "contrastlab-checkpoint-v1":
             raise CheckpointError(f"{source}: not a contrastlab checkpoint (no format tag)")
-        # only fields that change results must match: where the run lives (a resumed sweep's
-        # new Ray session, a run directory moved or copied elsewhere) does not
-        saved = make_config(yaml.safe_load(state["config_yaml"])).tracked_params()
-        here = self.cfg.tracked_params()
+        # the whole config must match; where the run lives is no part of it, so a resumed
+        # sweep's new Ray session or a run directory moved elsewhere resumes
+        saved = saved_config(state["config_yaml"]).flat()
+        here = self.cfg.flat()
         if saved != here:
             diff = sorted(k for k in saved.keys() | here.keys() if saved.get(k) != here.get(k))
             raise CheckpointError(f"{source} was written by a different config; differs in {diff}")
@@ -340,13 +267,13 @@ class Trainer:
                 f"{'; it '.join(parts)}. It was written by contrastlab source {written}, this is "
                 f"{source_digest()}: the model's structure changed between the two (e.g. "
                 "MoCo checkpoints from before shuffle-BN lack 'shuffler._extra_state'). Resume "
-                "it with the code that wrote it, or start a new run (another train.run_name)"
+                "it with the code that wrote it, or start a new run (another run directory)"
             )
         self.method.load_state_dict(saved)
 
     def resume(self) -> bool:
         """Load the newest checkpoint in the run directory; False if there is none."""
-        ckpt = latest_checkpoint(self.run_dir)
+        ckpt = latest_checkpoint(self.place.dir)
         if ckpt is None:
             return False
         self.load_state_dict(load_checkpoint(ckpt, self.device), str(ckpt))
@@ -469,9 +396,8 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
 
-    def _write_run_files(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+    def protocol(self) -> dict[str, Any]:
+        """How the evaluation numbers are produced (``protocol.json``)."""
         ev = self.cfg.eval
         mem = self.monitor_sets[0]
         prot = {
@@ -487,13 +413,12 @@ class Trainer:
             prot["label_free"] = evaluate.protocol(ev, "label_free")
         if self.cfg.eval.linear_probe:
             prot["linear_probe"] = evaluate.protocol(self.cfg.eval, "probe")
-        (self.run_dir / "protocol.json").write_text(json.dumps(prot, indent=2))
+        return prot
 
     def _log_epoch(self, metrics: dict[str, float]) -> None:
         self.history.append(metrics)
         if self.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            append_metrics(self.place.dir, metrics)
 
     def train_epoch(self) -> dict[str, float]:
         """One pass over the training set; returns the epoch's mean metrics."""
@@ -509,7 +434,7 @@ class Trainer:
         bar = tqdm(
             total=self.steps_per_epoch,
             desc=f"epoch {self.epoch + 1}/{t.epochs}",
-            disable=not (t.progress and self.is_main),
+            disable=not (self.place.progress and self.is_main),
             leave=False,
             file=sys.stderr,
             dynamic_ncols=True,
@@ -600,7 +525,7 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> TrainResult:
         """Train for ``train.epochs`` epochs (continuing from a checkpoint if ``resume``)."""
-        cfg, t = self.cfg, self.cfg.train
+        cfg, t, run_dir = self.cfg, self.cfg.train, self.place.dir
         resumed = self.resume() if resume else False
         if resumed and self.is_main:
             # what the interrupted attempt said (and printed), each at its epoch
@@ -613,12 +538,10 @@ class Trainer:
                     grace=evaluate.grace_epochs(t.epochs),
                 )
         if self.is_main:
-            self._write_run_files()
-        if self.is_main:
+            write_run_files(run_dir, cfg, self.protocol())
             # the file holds exactly the checkpoint's history: epochs trained after the last
             # checkpoint by an interrupted attempt are trained again, not listed twice
-            lines = "".join(json.dumps(h) + "\n" for h in self.history) if resumed else ""
-            (self.run_dir / "metrics.jsonl").write_text(lines)
+            write_metrics(run_dir, self.history if resumed else [])
         if not resumed and cfg.eval.knn_every > 0 and cfg.eval.knn_at_init and self.is_main:
             t0 = time.perf_counter()
             init = {"epoch": 0, **self.evaluate_knn()}
@@ -645,9 +568,9 @@ class Trainer:
             self._log_epoch(metrics)
             ckpt = None
             if self.is_main and (self.epoch % t.checkpoint_every == 0 or self.epoch == t.epochs):
-                ckpt = self.run_dir / "checkpoints" / f"epoch_{self.epoch:04d}.pt"
+                ckpt = checkpoint_path(run_dir, self.epoch)
                 save_checkpoint(ckpt, self.state_dict())
-                _prune_checkpoints(self.run_dir, t.keep_checkpoints)
+                prune_checkpoints(run_dir, t.keep_checkpoints)
             self._say(_epoch_line(metrics, t.epochs))
             if self.is_main:
                 self._diagnose()
@@ -660,16 +583,12 @@ class Trainer:
         if self.history and self.history[0]["epoch"] == 0:
             final["init_knn_top1"] = self.history[0]["knn_top1"]
         if self.is_main:
-            summary = {
-                "final": final,
-                "protocol": json.loads((self.run_dir / "protocol.json").read_text()),
-                "diagnosis": self.diagnoses,
-            }
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        return TrainResult(self.run_dir, self.history, final, self.method)
+            summary = {"final": final, "protocol": self.protocol(), "diagnosis": self.diagnoses}
+            write_summary(run_dir, summary)
+        return TrainResult(run_dir, self.history, final, self.method)
 
     def _say(self, text: str) -> None:
-        if self.is_main and self.cfg.train.progress:
+        if self.is_main and self.place.progress:
             tqdm.write(text, file=sys.stderr)
 
     def _diagnose(self) -> None:
@@ -679,7 +598,7 @@ class Trainer:
         final = self.epoch == self.cfg.train.epochs
         grace = evaluate.grace_epochs(self.cfg.train.epochs)
         for d in evaluate.update_diagnoses(self.history, self.diagnoses, final, grace):
-            if self.cfg.train.progress:
+            if self.place.progress:
                 tqdm.write(f"contrastlab diagnosis: {d['message']}", file=sys.stderr)
             else:
                 warnings.warn(
@@ -720,10 +639,11 @@ def _epoch_line(m: dict[str, float], epochs: int) -> str:
 
 def train(
     cfg: Config,
-    run_dir: str | Path | None = None,
+    place: RunPlace | None = None,
     resume: bool = False,
     hooks: Sequence[Hook] = (),
     data: DatasetSplits | None = None,
 ) -> TrainResult:
-    """Train ``cfg``; the single entry point used locally, by Ray Train workers and by Tune."""
-    return Trainer(cfg, run_dir, hooks, data).fit(resume=resume)
+    """Train ``cfg``, writing to ``place`` (see :class:`Trainer`); the single entry point used
+    locally, by Ray Train workers and by Tune."""
+    return Trainer(cfg, place, hooks, data).fit(resume=resume)
