@@ -363,20 +363,21 @@ def test_knn_monitor_uses_fixed_subsets_and_the_last_epoch_all_images(tmp_path):
     ]
     t = Trainer(cfg, RunPlace(tmp_path / "check"))
     t.method.load_state_dict(res.method.state_dict())
-    mem_rows, test_rows = t.monitor_rows
+    m = t.monitor
+    mem_rows, test_rows = m.rows
     assert len(mem_rows) == 100 and len(test_rows) == 60
     torch.manual_seed(123)  # the global RNG does not move the subset
-    assert torch.equal(evaluate.monitor_subset(len(t.memory_set), 100), mem_rows)
+    assert torch.equal(evaluate.monitor_subset(len(m.memory_set), 100), mem_rows)
     assert evaluate.monitor_subset(50, 0) is None and evaluate.monitor_subset(50, 50) is None
 
     def knn(mem, test):
         return evaluate.knn_accuracy(
-            t.features(mem.images), mem.labels, t.features(test.images), test.labels, 10, cfg.eval
+            m.features(mem.images), mem.labels, m.features(test.images), test.labels, 10, cfg.eval
         )["knn_top1"]
 
     last = res.history[-1]
-    assert last["knn_top1"] == knn(t.memory_set.subset(mem_rows), t.test_set.subset(test_rows))
-    assert last["knn_full_top1"] == knn(t.memory_set, t.test_set)
+    assert last["knn_top1"] == knn(m.memory_set.subset(mem_rows), m.test_set.subset(test_rows))
+    assert last["knn_full_top1"] == knn(m.memory_set, m.test_set)
     assert res.final["best_knn_top1"] == max(h["knn_top1"] for h in res.history[1:])
     off = tiny_config("simclr", eval={**ev, "knn_full_at_end": False})
     assert "knn_full_top1" not in train(off, RunPlace(tmp_path / "off")).final
@@ -410,8 +411,8 @@ def test_monitors_every_epoch_and_the_automatic_knn_k_is_recorded(tmp_path):
 
     t = Trainer(cfg, RunPlace(tmp_path / "check"))
     t.method.load_state_dict(res.method.state_dict())
-    mem, test = t.monitor_sets
-    f_mem, f_test = t.features(mem.images), t.features(test.images)
+    mem, test = t.monitor.sets
+    f_mem, f_test = t.monitor.features(mem.images), t.monitor.features(test.images)
     last = rows[-1]
     assert last["rankme"] == pytest.approx(evaluate.rankme(f_mem), rel=1e-9)
     r2 = evaluate.ridge_r2(

@@ -119,21 +119,8 @@ class Trainer:
         _seed_everything(t.seed, t.deterministic)
 
         data = data if data is not None else load_dataset(cfg.data)
-        self.data = data
         store = self.device if cfg.data.on_device else torch.device("cpu")
         self.train_set = data.train.to(store)
-        self.memory_set = data.labeled_train().to(store)
-        self.test_set = data.test.to(store)
-        # the per-epoch kNN monitor's fixed subsets (rows None: the whole set), cut once
-        ev = cfg.eval
-        self.monitor_rows = (
-            evaluate.monitor_subset(len(self.memory_set), ev.monitor_train_size),
-            evaluate.monitor_subset(len(self.test_set), ev.monitor_test_size),
-        )
-        self.monitor_sets = tuple(
-            s if rows is None else s.subset(rows)
-            for s, rows in zip((self.memory_set, self.test_set), self.monitor_rows, strict=True)
-        )
         n = len(self.train_set)
         if t.batch_size > n:
             raise ConfigError(
@@ -161,6 +148,17 @@ class Trainer:
             self._compile_backbone()
         self.optimizer = build_optimizer(self.method, cfg.optim, self.device)
         self.autocast_dtype = torch.bfloat16 if t.precision == "bf16" else None
+        self.monitor = evaluate.Monitor(
+            self.method.backbone,
+            self.augment,
+            data,
+            cfg.eval,
+            self.device,
+            seed=t.seed,
+            store=store,
+            autocast_dtype=self.autocast_dtype,
+            channels_last=self.channels_last,
+        )
 
         # Batch order (CPU) and augmentation (device) generators are re-seeded at the start of
         # every epoch from (seed, epoch, rank), so a run resumed at an epoch boundary draws
@@ -170,10 +168,6 @@ class Trainer:
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, float]] = []
-        # [N, 5] and [M, 5] colour statistics of the monitor subsets (nuisance_r2's targets)
-        self._nuisance: tuple[torch.Tensor, torch.Tensor] | None = None
-        # what evaluate.diagnose said, each kind once: {"epoch", "kind", "message"}
-        self.diagnoses: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- setup pieces
 
@@ -279,141 +273,7 @@ class Trainer:
         self.load_state_dict(load_checkpoint(ckpt, self.device), str(ckpt))
         return True
 
-    # ----------------------------------------------------------------- evaluation
-
-    @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Evaluation features of uint8 images, per ``eval.feature``."""
-        ev = self.cfg.eval
-        if ev.feature == "patch_avg":
-            return evaluate.patch_averaged_features(
-                self.method.backbone,
-                images,
-                self.augment,
-                ev.num_patches,
-                ev.batch_size,
-                self.device,
-                seed=self.cfg.train.seed,
-                autocast_dtype=self.autocast_dtype,
-            )
-        return evaluate.extract_features(
-            self.method.backbone,
-            images,
-            self._eval_input,
-            ev.batch_size,
-            self.device,
-            autocast_dtype=self.autocast_dtype,
-        )
-
-    def _eval_input(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.augment.normalize(images)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    @property
-    def monitor_is_subset(self) -> bool:
-        """Whether the per-epoch kNN monitor sees only part of the memory or test set."""
-        return any(rows is not None for rows in self.monitor_rows)
-
-    def evaluate_knn(self, full: bool = False) -> dict[str, float]:
-        """kNN accuracy: the per-epoch monitor on its fixed subsets (``eval.monitor_*_size``),
-        or with ``full`` on every memory and test image (metrics then named ``knn_full_*``).
-
-        The per-epoch monitor also reports the k it used (``knn_k``) and, with
-        ``eval.label_free``, the label-free monitors (:meth:`evaluate_label_free`) on the same
-        features."""
-        mem, test = (self.memory_set, self.test_set) if full else self.monitor_sets
-        f_mem, f_test = self.features(mem.images), self.features(test.images)
-        out = evaluate.knn_accuracy(
-            f_mem,
-            mem.labels.to(self.device),
-            f_test,
-            test.labels.to(self.device),
-            self.data.train.num_classes,
-            self.cfg.eval,
-        )
-        if full:
-            return {k.replace("knn_", "knn_full_"): v for k, v in out.items()}
-        out["knn_k"] = evaluate.knn_k(self.cfg.eval, len(mem), self.data.train.num_classes)
-        if self.cfg.eval.label_free:
-            out.update(self.evaluate_label_free(f_mem, f_test))
-        return out
-
-    def evaluate_label_free(self, f_mem: torch.Tensor, f_test: torch.Tensor) -> dict[str, float]:
-        """The label-free monitors of the current encoder (none of them reads a label).
-
-        Args:
-            f_mem: [N, F] evaluation features of the monitor memory subset.
-            f_test: [M, F] evaluation features of the monitor test subset.
-
-        Returns:
-            ``rankme`` of ``f_mem``; ``alignment`` and ``uniformity`` (the mean over the two
-            views) of the L2-normalised backbone features of two augmented views of the first
-            ``eval.label_free_size`` memory images: the backbone's, not the projection head's,
-            because it is what kNN and a downstream user see, and every method has one (CMC's
-            two heads and CPC's per-patch head do not give one comparable embedding);
-            ``nuisance_r2``, the held-out R^2 of a ridge regression from the evaluation
-            features to per-image colour statistics, averaged over the statistics that vary.
-        """
-        ev = self.cfg.eval
-        mem, test = self.monitor_sets
-        out = {"rankme": evaluate.rankme(f_mem)}
-        images = mem.images[: ev.label_free_size]
-        if images.shape[0] >= 2:
-            z1, z2 = evaluate.paired_view_features(
-                self.method.backbone,
-                images,
-                self.augment,
-                ev.batch_size,
-                self.device,
-                autocast_dtype=self.autocast_dtype,
-            )
-            out["alignment"] = evaluate.alignment(z1, z2)
-            out["uniformity"] = (evaluate.uniformity(z1) + evaluate.uniformity(z2)) / 2
-        if self._nuisance is None:  # the subsets are fixed: their statistics are computed once
-            self._nuisance = (
-                evaluate.image_statistics(mem.images).to(self.device),
-                evaluate.image_statistics(test.images).to(self.device),
-            )
-        r2 = evaluate.ridge_r2(
-            f_mem, self._nuisance[0], f_test, self._nuisance[1], ev.nuisance_ridge
-        )
-        r2 = r2[r2.isfinite()]  # a statistic constant on the test subset has no R^2
-        if r2.numel():
-            out["nuisance_r2"] = float(r2.mean())
-        return out
-
-    def evaluate_probe(self) -> dict[str, float]:
-        mem, test = self.memory_set, self.test_set
-        return evaluate.linear_probe(
-            self.features(mem.images),
-            mem.labels.to(self.device),
-            self.features(test.images),
-            test.labels.to(self.device),
-            self.data.train.num_classes,
-            self.cfg.eval,
-            seed=self.cfg.train.seed,
-        )
-
     # ----------------------------------------------------------------- the loop
-
-    def protocol(self) -> dict[str, Any]:
-        """How the evaluation numbers are produced (``protocol.json``)."""
-        ev = self.cfg.eval
-        mem = self.monitor_sets[0]
-        prot = {
-            "knn": evaluate.protocol(
-                ev,
-                "knn",
-                memory_size=len(mem),
-                num_classes=self.data.train.num_classes,
-                full_memory_size=len(self.memory_set) if self.monitor_is_subset else None,
-            )
-        }
-        if ev.label_free:
-            prot["label_free"] = evaluate.protocol(ev, "label_free")
-        if self.cfg.eval.linear_probe:
-            prot["linear_probe"] = evaluate.protocol(self.cfg.eval, "probe")
-        return prot
 
     def _log_epoch(self, metrics: dict[str, float]) -> None:
         self.history.append(metrics)
@@ -528,43 +388,23 @@ class Trainer:
         cfg, t, run_dir = self.cfg, self.cfg.train, self.place.dir
         resumed = self.resume() if resume else False
         if resumed and self.is_main:
-            # what the interrupted attempt said (and printed), each at its epoch
-            for end in range(1, len(self.history) + 1):
-                last = self.history[end - 1].get("epoch") == t.epochs
-                evaluate.update_diagnoses(
-                    self.history[:end],
-                    self.diagnoses,
-                    final=last,
-                    grace=evaluate.grace_epochs(t.epochs),
-                )
+            self.monitor.recall_diagnoses(self.history, t.epochs)  # printed by that attempt
         if self.is_main:
-            write_run_files(run_dir, cfg, self.protocol())
+            write_run_files(run_dir, cfg, self.monitor.protocol())
             # the file holds exactly the checkpoint's history: epochs trained after the last
             # checkpoint by an interrupted attempt are trained again, not listed twice
             write_metrics(run_dir, self.history if resumed else [])
-        if not resumed and cfg.eval.knn_every > 0 and cfg.eval.knn_at_init and self.is_main:
-            t0 = time.perf_counter()
-            init = {"epoch": 0, **self.evaluate_knn()}
-            init["eval_time_s"] = time.perf_counter() - t0
-            self._log_epoch(init)
+        init = self.monitor.measure(0, t.epochs) if not resumed and self.is_main else {}
+        if init:
+            self._log_epoch({"epoch": 0, **init})
             self._say(f"epoch 0 (random init): {_monitor_text(init)}")
         while self.epoch < t.epochs:
             metrics: dict[str, float] = {"epoch": self.epoch + 1}
             metrics.update(self.train_epoch())
             self.epoch += 1
             # evaluation runs on rank 0 only; it needs no collective, so the others go on
-            if (
-                self.is_main
-                and cfg.eval.knn_every
-                and (self.epoch % cfg.eval.knn_every == 0 or self.epoch == t.epochs)
-            ):
-                t0 = time.perf_counter()
-                metrics.update(self.evaluate_knn())
-                metrics["eval_time_s"] = time.perf_counter() - t0
-                if self.epoch == t.epochs and self.monitor_is_subset and cfg.eval.knn_full_at_end:
-                    metrics.update(self.evaluate_knn(full=True))
-            if self.is_main and self.epoch == t.epochs and cfg.eval.linear_probe:
-                metrics.update(self.evaluate_probe())
+            if self.is_main:
+                metrics.update(self.monitor.measure(self.epoch, t.epochs))
             self._log_epoch(metrics)
             ckpt = None
             if self.is_main and (self.epoch % t.checkpoint_every == 0 or self.epoch == t.epochs):
@@ -573,7 +413,7 @@ class Trainer:
                 prune_checkpoints(run_dir, t.keep_checkpoints)
             self._say(_epoch_line(metrics, t.epochs))
             if self.is_main:
-                self._diagnose()
+                self.monitor.report_diagnoses(self.history, t.epochs, self.place.progress)
             for hook in self.hooks:
                 hook(self.epoch, metrics, ckpt)
         final = dict(self.history[-1]) if self.history else {}
@@ -583,27 +423,17 @@ class Trainer:
         if self.history and self.history[0]["epoch"] == 0:
             final["init_knn_top1"] = self.history[0]["knn_top1"]
         if self.is_main:
-            summary = {"final": final, "protocol": self.protocol(), "diagnosis": self.diagnoses}
+            summary = {
+                "final": final,
+                "protocol": self.monitor.protocol(),
+                "diagnosis": self.monitor.diagnoses,
+            }
             write_summary(run_dir, summary)
         return TrainResult(run_dir, self.history, final, self.method)
 
     def _say(self, text: str) -> None:
         if self.is_main and self.place.progress:
             tqdm.write(text, file=sys.stderr)
-
-    def _diagnose(self) -> None:
-        """Record each new kind of :func:`evaluate.diagnose` message once (``summary.json``)
-        and print it: through tqdm with progress bars, else as a :class:`RuntimeWarning` on
-        stderr, so that it reaches the user either way."""
-        final = self.epoch == self.cfg.train.epochs
-        grace = evaluate.grace_epochs(self.cfg.train.epochs)
-        for d in evaluate.update_diagnoses(self.history, self.diagnoses, final, grace):
-            if self.place.progress:
-                tqdm.write(f"contrastlab diagnosis: {d['message']}", file=sys.stderr)
-            else:
-                warnings.warn(
-                    f"contrastlab diagnosis: {d['message']}", RuntimeWarning, stacklevel=2
-                )
 
 
 def _stream_seed(seed: int, epoch: int, stream: int, worker: int) -> int:
