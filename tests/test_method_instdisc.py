@@ -211,7 +211,7 @@ def test_nce_k_must_be_below_the_dataset_size():
 
 def _batch(trainer, n=64, start=0):
     idx = torch.arange(start, start + n)
-    views = trainer._views(trainer.train_set.images[idx])
+    views = trainer.views(trainer.train_set.images[idx])
     return views, trainer.train_set.labels[idx], idx
 
 

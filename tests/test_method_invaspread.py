@@ -135,7 +135,7 @@ def test_loss_falls_over_a_few_steps():
     m = trainer.method
     assert m.n_views == 2
     images = trainer.train_set.images[:64]
-    views = trainer._views(images)
+    views = trainer.views(images)
     losses = []
     for _ in range(10):
         loss, metrics = m.training_step(views, trainer.train_set.labels[:64], torch.arange(64))

@@ -239,7 +239,7 @@ def test_moco_loss_falls_with_every_bn_mode(mode, monkeypatch):
     losses = []
     for _ in range(6):
         idx = torch.randperm(len(tr.train_set), generator=gen)[:64]
-        views = tr._views(tr.train_set.images[idx])
+        views = tr.views(tr.train_set.images[idx])
         loss, metrics = m.training_step(views, tr.train_set.labels[idx], idx)
         tr.optimizer.zero_grad()
         loss.backward()

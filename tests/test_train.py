@@ -164,7 +164,7 @@ def test_bf16_and_channels_last_on_cpu(tmp_path):
     t = Trainer(cfg, RunPlace(tmp_path))
     conv = next(m for m in t.method.backbone.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    views = t._views(t.train_set.images[:8])
+    views = t.views(t.train_set.images[:8])
     assert views[0].is_contiguous(memory_format=torch.channels_last)
     res = t.fit()
     assert torch.isfinite(torch.tensor(res.final["loss"]))

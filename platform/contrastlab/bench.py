@@ -8,7 +8,7 @@ values) and measures, as the median of ``repeats`` timed calls (each ``steps`` s
 
 * the full step, :meth:`Trainer.train_step` (augmentation + forward + loss + backward +
   optimizer step + the method's end-of-step update): the code ``train_epoch`` runs per step;
-* augmentation alone (``Trainer._views``) and the model step alone on pre-augmented views
+* augmentation alone (:meth:`Trainer.views`) and the model step alone on pre-augmented views
   (:meth:`Trainer.model_step`), and the share of the step spent augmenting;
 * peak memory: ``torch.cuda.max_memory_allocated`` over the warm-up steps on CUDA; on CPU
   the process's peak resident set size (``getrusage``), which only grows over a run;
@@ -351,7 +351,7 @@ def ours_pipeline(trainer: Trainer, steps: int) -> tuple[Pipeline, list[torch.Te
     images = trainer.train_set.images[:B].to(device)
     labels = trainer.train_set.labels[:B].to(device)
     idx = torch.arange(B, device=device)
-    views = trainer._views(images)  # fixed views for the model-only timer
+    views = trainer.views(images)  # fixed views for the model-only timer
     losses: list[torch.Tensor] = []
 
     def step() -> None:
@@ -361,7 +361,7 @@ def ours_pipeline(trainer: Trainer, steps: int) -> tuple[Pipeline, list[torch.Te
     @torch.no_grad()
     def augment() -> None:
         for _ in range(steps):
-            trainer._views(images)
+            trainer.views(images)
 
     def model() -> None:
         for _ in range(steps):
@@ -636,7 +636,7 @@ def measure(
         flops = count_step_flops(
             cfg,
             len(trainer.train_set),
-            trainer._views(trainer.train_set.images[:B].to(device)),
+            trainer.views(trainer.train_set.images[:B].to(device)),
             trainer.train_set.labels[:B].to(device),
             torch.arange(B, device=device),
         )

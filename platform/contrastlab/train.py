@@ -188,7 +188,10 @@ class Trainer:
             self.compiled = False
             warnings.warn(f"torch.compile failed, continuing uncompiled: {e}", stacklevel=2)
 
-    def _views(self, images: torch.Tensor) -> torch.Tensor:
+    def views(self, images: torch.Tensor) -> torch.Tensor:
+        """The augmented views a training step draws from ``images`` (``uint8 [B, 3, S, S]`` on
+        the training device): ``[V, B, 3, S, S]`` float, V the method's ``n_views``, from the
+        epoch's augmentation generator, channels_last when training is."""
         views = self.augment(images, self.method.n_views, self.aug_gen)  # [V, B, 3, S, S]
         if self.channels_last:
             V, B = views.shape[:2]
@@ -345,7 +348,7 @@ class Trainer:
         Returns:
             The method's metrics (detached scalar tensors, on the device: no host sync).
         """
-        return self.model_step(self._views(images), labels, idx)
+        return self.model_step(self.views(images), labels, idx)
 
     def model_step(
         self, views: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor
