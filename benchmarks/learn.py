@@ -30,6 +30,7 @@ from contrastlab.config import ConfigError, apply_overrides, make_config
 from contrastlab.data import load_dataset
 from contrastlab.data.tasks import KNN, TASKS, write_task
 from contrastlab.naive import naive_simclr
+from contrastlab.rundir import RunPlace, make_run_dir
 from contrastlab.train import Trainer
 
 
@@ -60,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         image_size=args.image_size,
     )
     raw.setdefault("eval", {}).update(knn_k=KNN.knn_k, knn_t=KNN.knn_t)
-    raw.setdefault("train", {}).update(
-        epochs=args.epochs, progress=False, output_dir=str(args.out / "runs"), run_name=None
-    )
+    raw.setdefault("train", {}).update(epochs=args.epochs)
     try:
         cfg = make_config(raw)
     except ConfigError as e:
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if metrics["knn_top1"] >= args.target:
             raise _Reached
 
-    trainer = Trainer(cfg, hooks=[hook], data=splits)
+    trainer = Trainer(cfg, RunPlace(make_run_dir(cfg, args.out / "runs")), [hook], data=splits)
     start = time.perf_counter()  # after setup, as for the naive loop (data loaded)
     with contextlib.suppress(_Reached):
         trainer.fit()

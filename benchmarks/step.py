@@ -34,7 +34,7 @@ values) and measures, as the median of ``repeats`` timed calls (each ``steps`` s
   eager copy of the model), the FLOP/s achieved and, on a GPU in :data:`PEAK_TFLOPS`, the model
   FLOPs utilisation (MFU);
 * one real epoch (``Trainer.train_epoch``) and the per-epoch kNN monitor
-  (``Trainer.evaluate_knn``, on its ``eval.monitor_*_size`` subsets of ``train_size`` /
+  (``Monitor.knn``, on its ``eval.monitor_*_size`` subsets of ``train_size`` /
   ``test_size`` images), and the monitor's time as a share of the epoch's; with
   ``epoch_images`` the epoch runs over that many images and its time is scaled to
   ``train_size`` (a CIFAR-sized epoch of a ResNet takes an hour on a CPU);
@@ -75,6 +75,7 @@ from contrastlab.config import TINY, AugmentConfig, Config, find_method_config, 
 from contrastlab.data import DatasetSplits, ImageDataset
 from contrastlab.data.core import channel_stats
 from contrastlab.methods import METHODS, build_method
+from contrastlab.rundir import RunPlace
 from contrastlab.train import Trainer
 
 __all__ = [
@@ -237,7 +238,6 @@ def bench_config(method: str, s: BenchSettings, reference: bool = False) -> Conf
             "compile": False if reference else s.compile,
             "channels_last": False if reference else s.channels_last,
             "deterministic": s.deterministic,
-            "progress": False,
             "epochs": 1,
         },
     }
@@ -434,24 +434,24 @@ def _epoch_and_knn(
     if device.type == "cuda" or getattr(trainer, "compiled", False):
         # untimed first call: torch.compile and cuDNN autotuning see the eval-mode shapes
         # once per run, not once per epoch (on CPU, eager, a first call costs nothing extra)
-        trainer.evaluate_knn()
+        trainer.monitor.knn()
     times = []
     for _ in range(max(1, repeats)):
         _sync(device)
         start = time.perf_counter()
-        knn = trainer.evaluate_knn()  # returns floats: already synchronised
+        knn = trainer.monitor.knn()  # returns floats: already synchronised
         times.append(time.perf_counter() - start)
     knn_s = statistics.median(times)
     return {
         "train_size": len(trainer.train_set),
-        "test_size": len(trainer.test_set),
+        "test_size": len(trainer.monitor.test_set),
         "epoch_images_timed": len(full_set) if scale == 1.0 else epoch_images,
         "epoch_s": epoch_s,
         "epoch_views_per_s": epoch["views_per_s"],
         "knn_s": knn_s,
         "knn_share": knn_s / epoch_s,
-        "knn_memory_images": len(trainer.monitor_sets[0]),
-        "knn_query_images": len(trainer.monitor_sets[1]),
+        "knn_memory_images": len(trainer.monitor.sets[0]),
+        "knn_query_images": len(trainer.monitor.sets[1]),
         "knn_feature": trainer.cfg.eval.feature,
         "knn_every": trainer.cfg.eval.knn_every,
         "knn_top1": knn["knn_top1"],
@@ -645,7 +645,7 @@ def measure(
     losses: list[torch.Tensor] = []
     if ours:
         cfg = bench_config(method, s)
-        trainer = Trainer(cfg, run_dir=Path(workdir) / method, data=data)
+        trainer = Trainer(cfg, RunPlace(Path(workdir) / method), data=data)
         p, losses = ours_pipeline(trainer, steps)
         B = trainer.local_batch
         flops = count_step_flops(
@@ -659,7 +659,7 @@ def measure(
         pipes.append(p)
     if reference:
         ref_cfg = bench_config(method, s, reference=True)
-        ref_trainer = Trainer(ref_cfg, run_dir=Path(workdir) / f"{method}-ref", data=data)
+        ref_trainer = Trainer(ref_cfg, RunPlace(Path(workdir) / f"{method}-ref"), data=data)
         p = reference_pipeline(ref_trainer, s)
         peaks[p.name] = warm_up(p, device, s.warmup)
         pipes.append(p)

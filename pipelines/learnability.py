@@ -50,6 +50,7 @@ from contrastlab.data import load_dataset
 from contrastlab.data.tasks import KNN, TASKS, TEST_SIZE, get_task, raw_pixel_knn, write_task
 from contrastlab.methods import METHODS
 from contrastlab.naive import naive_simclr
+from contrastlab.rundir import RunPlace
 from contrastlab.train import train
 
 # Digits are not mirror-symmetric (a mirrored 2 is no 2) and a blurred 8x8 upscale loses its
@@ -196,9 +197,9 @@ def run_overrides(
     )
 
 
-def run_config(method: str, overrides: Sequence[str], data_dir: Path, run_name: str, args):
-    """The resolved config of one run; the harness's own fields (data, protocol, epochs, seed,
-    where it goes) are set last, so no recipe can change them."""
+def run_config(method: str, overrides: Sequence[str], data_dir: Path, args):
+    """The resolved config of one run; the harness's own fields (data, protocol, epochs, seed)
+    are set last, so no recipe can change them."""
     raw = apply_overrides({"method": {"name": method}}, overrides)
     fixed = {
         "data": {
@@ -212,9 +213,6 @@ def run_config(method: str, overrides: Sequence[str], data_dir: Path, run_name: 
             "epochs": args.epochs,
             "seed": args.seed,
             "device": args.device,
-            "progress": False,
-            "output_dir": str(args.out / "runs"),
-            "run_name": run_name,
         },
     }
     for section, values in fixed.items():
@@ -384,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for t, m, v in plan:
             try:
                 overrides = run_overrides(m, t, v, recipes, args.sets)
-                run_config(m, overrides, args.out / "data" / t, "check", args)
+                run_config(m, overrides, args.out / "data" / t, args)
             except ConfigError as e:
                 print(f"learnability: error: {t} / {m} / {v}: {e}", file=sys.stderr)
                 return 2
@@ -397,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for task in [] if args.table_only else args.tasks:
         data_dir = args.out / "data" / task
         write_task(task, data_dir, seed=args.task_seed)
-        cfg0 = run_config("simclr", (), data_dir, "check", args)
+        cfg0 = run_config("simclr", (), data_dir, args)
         splits = load_dataset(cfg0.data)
 
         i += 1
@@ -446,9 +444,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 digest = hashlib.sha1(rec["key"].encode()).hexdigest()[:8]
                 name = f"{task}/{method}-{variant}-e{args.epochs}-{digest}"
-                cfg = run_config(method, overrides, data_dir, name, args)
+                cfg = run_config(method, overrides, data_dir, args)
                 start = time.perf_counter()
-                res = train(cfg, resume=True, data=splits)
+                res = train(cfg, RunPlace(args.out / "runs" / name), resume=True, data=splits)
                 f = res.final
                 rec.update(
                     init_knn=f["init_knn_top1"],

@@ -14,7 +14,6 @@ def tiny_config(name: str = "simclr", **sections):
     """A config that trains in well under a second per epoch on 2 CPU cores (the method's tiny
     setting, ``contrastlab.config.tiny_raw``), with ``sections`` merged over it."""
     raw = tiny_raw(name)
-    raw["train"]["progress"] = False
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return make_config(raw)

@@ -11,6 +11,7 @@ from contrastlab.config import (
     ConfigError,
     load_config,
     make_config,
+    saved_config,
 )
 
 
@@ -129,6 +130,42 @@ def test_file_errors_name_the_file(tmp_path):
     assert "bad.yaml" in str(e.value) and "train.epochs" in str(e.value)
     with pytest.raises(ConfigError, match="KEY=VALUE|section.key=value"):
         load_config(None, ["train.epochs"])
+
+
+@pytest.mark.parametrize(
+    "key, value, flag",
+    [
+        ("output_dir", "/data/runs", "--output-dir"),
+        ("run_name", "mine", "--run-name"),
+        ("progress", False, "--progress / --no-progress"),
+    ],
+)
+def test_a_run_place_key_in_a_users_file_names_the_flag_that_replaced_it(
+    tmp_path, key, value, flag
+):
+    """Where a run is written and whether it shows progress are `contrastlab train` flags: a
+    config file (or --set) that still sets them is refused, naming the key and the flag."""
+    f = tmp_path / "mine.yaml"
+    f.write_text(yaml.safe_dump({"train": {"epochs": 3, key: value}}))
+    for args in ((f,), (None, [f"train.{key}={value}"])):
+        with pytest.raises(ConfigError) as e:
+            load_config(*args)
+        msg = str(e.value)
+        assert f"train.{key}: not a config key" in msg and "did you mean" in msg, msg
+        assert f"`contrastlab train` flag {flag}?" in msg, msg
+
+
+def test_a_saved_config_of_an_earlier_version_drops_the_run_place_keys():
+    """Run directories and MLflow runs written before the run place left the config hold
+    train.output_dir/run_name/progress in their config.yaml: those still load, as the same
+    config without them; any other unknown key is still an error."""
+    cfg = make_config({"method": {"name": "moco"}, "train": {"epochs": 3}})
+    raw = yaml.safe_load(cfg.to_yaml())
+    raw["train"].update(output_dir="runs", run_name="old-run", progress=True)
+    assert saved_config(yaml.safe_dump(raw)) == cfg
+    raw["train"]["epohcs"] = 3
+    with pytest.raises(ConfigError, match="train.epohcs"):
+        saved_config(yaml.safe_dump(raw))
 
 
 def test_every_method_has_a_config_and_round_trips():

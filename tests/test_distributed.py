@@ -56,10 +56,11 @@ def test_ddp_gradient_equals_full_batch_gradient(tmp_path, supervised):
 
 def _train_worker(rank, world, tmp, name):
     init_gloo(rank, world, tmp)
+    from contrastlab.rundir import RunPlace
     from contrastlab.train import Trainer
 
     cfg = tiny_config(name, train={"epochs": 1, "batch_size": 64})
-    t = Trainer(cfg, run_dir=os.path.join(tmp, "run"))
+    t = Trainer(cfg, RunPlace(os.path.join(tmp, "run")))
     res = t.fit()
     trainable = {k: v for k, v in t.method.named_parameters() if v.requires_grad}
     torch.save(

@@ -270,8 +270,8 @@ def test_cmc_monitor_is_smaller_and_explicit_sizes_win():
 def test_cmc_trains_and_loss_falls():
     # tiny_config splits R | GB on the gray digits (Lab's ab view would be constant)
     cfg = tiny_config("cmc", method={"temperature": 0.2})
-    t = Trainer(cfg, run_dir=None)
-    views = t._views(t.train_set.images[:64])
+    t = Trainer(cfg)
+    views = t.views(t.train_set.images[:64])
     losses = []
     for _ in range(5):
         loss, metrics = t.method.training_step(views, t.train_set.labels[:64], torch.arange(64))

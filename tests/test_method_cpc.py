@@ -162,8 +162,8 @@ def test_cpc_defaults_and_predictors():
 
 def test_cpc_trains_and_loss_falls():
     cfg = tiny_config("cpc")
-    t = Trainer(cfg, run_dir=None)
-    views = t._views(t.train_set.images[:64])
+    t = Trainer(cfg)
+    views = t.views(t.train_set.images[:64])
     losses = []
     for _ in range(5):
         loss, metrics = t.method.training_step(views, t.train_set.labels[:64], torch.arange(64))

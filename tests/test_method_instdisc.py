@@ -20,6 +20,7 @@ from contrastlab.losses import (
 )
 from contrastlab.methods import build_method
 from contrastlab.models import MemoryBank
+from contrastlab.rundir import RunPlace
 from contrastlab.train import Trainer
 from tests.conftest import init_gloo, tiny_config
 
@@ -210,7 +211,7 @@ def test_nce_k_must_be_below_the_dataset_size():
 
 def _batch(trainer, n=64, start=0):
     idx = torch.arange(start, start + n)
-    views = trainer._views(trainer.train_set.images[idx])
+    views = trainer.views(trainer.train_set.images[idx])
     return views, trainer.train_set.labels[idx], idx
 
 
@@ -288,13 +289,13 @@ def _crash_after_first_epoch(epoch, metrics, ckpt):
 
 def test_checkpoint_round_trip_resumes_exactly(tmp_path):
     cfg = tiny_config("instdisc", train={"epochs": 2, "batch_size": 64}, eval={"knn_every": 0})
-    straight = Trainer(cfg, run_dir=tmp_path / "a").fit().method
+    straight = Trainer(cfg, RunPlace(tmp_path / "a")).fit().method
 
     with pytest.raises(_CrashError):  # a run that dies right after its first checkpoint
-        Trainer(cfg, run_dir=tmp_path / "b", hooks=[_crash_after_first_epoch]).fit()
+        Trainer(cfg, RunPlace(tmp_path / "b"), hooks=[_crash_after_first_epoch]).fit()
     ckpt = torch.load(tmp_path / "b" / "checkpoints" / "epoch_0001.pt", weights_only=True)
     assert {"bank.rows", "log_z", "steps"} <= set(ckpt["model"])
-    trainer = Trainer(cfg, run_dir=tmp_path / "b")
+    trainer = Trainer(cfg, RunPlace(tmp_path / "b"))
     assert trainer.resume()
     m = trainer.method
     assert m._steps == 4 and m._z_known  # host copies refreshed from the loaded buffers
@@ -311,7 +312,7 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path):
 def _ddp_worker(rank, world, tmp, nce_k):
     init_gloo(rank, world, tmp)
     cfg = tiny_config("instdisc", method={"nce_k": nce_k}, eval={"knn_every": 0})
-    t = Trainer(cfg, run_dir=os.path.join(tmp, "run"))
+    t = Trainer(cfg, RunPlace(os.path.join(tmp, "run")))
     t.fit()
     m = t.method
     draw = torch.randint(m.num_train, (4, 8), generator=m._noise_generator())

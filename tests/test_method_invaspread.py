@@ -13,6 +13,7 @@ from contrastlab.config import ConfigError, make_config
 from contrastlab.distributed import average_gradients, exit_spawned_worker, gather_cat
 from contrastlab.losses import _log1mexp, invaspread_loss
 from contrastlab.methods import build_method
+from contrastlab.rundir import RunPlace
 from contrastlab.train import Trainer
 from tests.conftest import init_gloo, tiny_config
 
@@ -134,7 +135,7 @@ def test_loss_falls_over_a_few_steps():
     m = trainer.method
     assert m.n_views == 2
     images = trainer.train_set.images[:64]
-    views = trainer._views(images)
+    views = trainer.views(images)
     losses = []
     for _ in range(10):
         loss, metrics = m.training_step(views, trainer.train_set.labels[:64], torch.arange(64))
@@ -148,8 +149,8 @@ def test_loss_falls_over_a_few_steps():
 
 def test_checkpoint_round_trip(tmp_path):
     cfg = tiny_config("invaspread", eval={"knn_every": 0})
-    res = Trainer(cfg, run_dir=tmp_path / "run").fit()
-    trainer = Trainer(cfg, run_dir=tmp_path / "run")
+    res = Trainer(cfg, RunPlace(tmp_path / "run")).fit()
+    trainer = Trainer(cfg, RunPlace(tmp_path / "run"))
     assert trainer.resume()
     for k, v in res.method.state_dict().items():
         assert torch.equal(v, trainer.method.state_dict()[k]), k

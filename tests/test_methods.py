@@ -13,11 +13,11 @@ from tests.conftest import tiny_config
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_trains_one_step(name):
     cfg = tiny_config(name)
-    trainer = Trainer(cfg, run_dir=None)
+    trainer = Trainer(cfg)
     before = [p.detach().clone() for p in trainer.method.backbone.parameters()]
     images = trainer.train_set.images[:64]
     labels = trainer.train_set.labels[:64]
-    views = trainer._views(images)
+    views = trainer.views(images)
     assert views.shape[:2] == (trainer.method.n_views, 64)
     loss, metrics = trainer.method.training_step(views, labels, torch.arange(64))
     assert loss.ndim == 0 and torch.isfinite(loss)
@@ -77,7 +77,7 @@ def test_moco_updates_key_encoder_and_queue():
     m = trainer.method
     keys_before = m.queue.keys.clone()
     ema_before = [p.clone() for p in m.key_encoder.parameters()]
-    views = trainer._views(trainer.train_set.images[:64])
+    views = trainer.views(trainer.train_set.images[:64])
     loss, metrics = m.training_step(views, trainer.train_set.labels[:64], torch.arange(64))
     loss.backward()
     assert int(m.queue.ptr) == 64

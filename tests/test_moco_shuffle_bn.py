@@ -19,6 +19,7 @@ from contrastlab.distributed import (
 )
 from contrastlab.methods import build_method
 from contrastlab.models import BatchShuffler, SplitBatchNorm, convert_split_batchnorm
+from contrastlab.rundir import RunPlace
 from contrastlab.train import Trainer
 from tests.conftest import init_gloo, tiny_config
 
@@ -231,14 +232,14 @@ def test_moco_loss_falls_with_every_bn_mode(mode, monkeypatch):
     negatives then stay fixed and InfoNCE can only fall by matching queries to their keys
     (a queue that fills with real keys makes the raw loss rise at first: harder negatives)."""
     cfg = tiny_config("moco", method={"bn_mode": mode, "bn_splits": 4})
-    tr = Trainer(cfg, run_dir=None)
+    tr = Trainer(cfg)
     m = tr.method
     monkeypatch.setattr(m.queue, "enqueue", lambda keys: None)
     gen = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(6):
         idx = torch.randperm(len(tr.train_set), generator=gen)[:64]
-        views = tr._views(tr.train_set.images[idx])
+        views = tr.views(tr.train_set.images[idx])
         loss, metrics = m.training_step(views, tr.train_set.labels[idx], idx)
         tr.optimizer.zero_grad()
         loss.backward()
@@ -252,11 +253,11 @@ def test_moco_loss_falls_with_every_bn_mode(mode, monkeypatch):
 @pytest.mark.slow
 def test_symmetric_loss_draws_two_permutations_and_checkpoints_the_count(tmp_path):
     cfg = tiny_config("moco", method={"symmetric": True, "bn_splits": 4}, eval={"knn_every": 0})
-    first = Trainer(cfg, run_dir=tmp_path)
+    first = Trainer(cfg, RunPlace(tmp_path))
     first.fit()
     steps = first.steps_per_epoch
     assert first.method.shuffler.draws == 2 * steps  # one per key batch, two keys per step
-    again = Trainer(cfg, run_dir=tmp_path)
+    again = Trainer(cfg, RunPlace(tmp_path))
     assert again.method.shuffler.draws == 0
     assert again.resume()
     assert again.method.shuffler.draws == 2 * steps
@@ -366,7 +367,7 @@ def test_two_workers_train_with_shuffle_bn_and_stay_identical(tmp_path):
 def _train_worker(rank, world, tmp):
     init_gloo(rank, world, tmp)
     cfg = tiny_config("moco", method={"symmetric": True}, train={"epochs": 1})
-    t = Trainer(cfg, run_dir=os.path.join(tmp, "run"))
+    t = Trainer(cfg, RunPlace(os.path.join(tmp, "run")))
     t.fit()
     torch.save(
         {

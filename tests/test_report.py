@@ -142,6 +142,29 @@ def test_reproduce_reports_a_mismatch_and_code_changes(sweep):
     assert code == 3
 
 
+def test_reproduce_of_a_run_logged_with_the_run_place_in_its_config(sweep):
+    """An MLflow run logged by an earlier version: its config.yaml artifact holds
+    train.output_dir, train.run_name and train.progress. It still reproduces, bit-identical."""
+    uri, out, _, tmp = sweep
+    c = tracking.client(uri)
+    orig = c.get_run(out.best["run_id"])
+    threads = orig.data.tags[tracking.THREADS_TAG]
+    rid = c.create_run(
+        orig.info.experiment_id, run_name="older", tags={tracking.THREADS_TAG: threads}
+    ).info.run_id
+    cfg_dir = tmp / "older"
+    cfg_dir.mkdir()
+    c.download_artifacts(orig.info.run_id, "config.yaml", str(cfg_dir))
+    raw = yaml.safe_load((cfg_dir / "config.yaml").read_text())
+    raw["train"].update(output_dir="/gone/sweeps/rep/trial", run_name="run", progress=False)
+    (cfg_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    c.log_artifact(rid, str(cfg_dir / "config.yaml"))
+    for m in c.get_metric_history(orig.info.run_id, "knn_top1"):
+        c.log_metric(rid, "knn_top1", m.value, step=m.step)
+    rep = reproduce(run_id=rid, tracking_uri=uri, output_dir=tmp / "repro", log_to_mlflow=False)
+    assert rep.ok and rep.exact, rep.text
+
+
 def test_reproduce_of_a_run_without_config_is_a_clear_error(sweep):
     uri = sweep[0]
     c = tracking.client(uri)

@@ -169,10 +169,11 @@ def test_resume_after_the_driver_died_with_its_local_ray(tmp_path, kind):
 def test_train_resume_of_a_moved_run_directory(tmp_path, tiny):
     """A run interrupted after epoch 2, moved to another folder, resumed there: the result is
     the uninterrupted run's, and nothing is written back to the old location."""
-    from contrastlab.train import Trainer, load_run_config, train
+    from contrastlab.rundir import RunPlace, load_run_config
+    from contrastlab.train import Trainer, train
 
-    cfg = tiny(train={"epochs": 4, "output_dir": str(tmp_path / "old"), "run_name": "r"})
-    ref = train(tiny(train={"epochs": 4}), run_dir=tmp_path / "ref")
+    cfg = tiny(train={"epochs": 4})
+    ref = train(cfg, RunPlace(tmp_path / "ref"))
 
     class StopError(Exception):
         pass
@@ -181,9 +182,9 @@ def test_train_resume_of_a_moved_run_directory(tmp_path, tiny):
         if epoch == 2:
             raise StopError
 
-    with pytest.raises(StopError):
-        Trainer(cfg, hooks=[stop_after_two]).fit()
     old = tmp_path / "old" / "r"
+    with pytest.raises(StopError):
+        Trainer(cfg, RunPlace(old), hooks=[stop_after_two]).fit()
     assert sorted(p.name for p in (old / "checkpoints").glob("*.pt"))[-1] == "epoch_0002.pt"
     moved = tmp_path / "elsewhere" / "copy"
     moved.parent.mkdir()
@@ -204,4 +205,4 @@ def test_train_resume_of_a_moved_run_directory(tmp_path, tiny):
         for key in ("loss", "knn_top1"):
             if key in theirs:
                 assert mine[key] == theirs[key], (mine["epoch"], key)
-    assert load_run_config(moved).tracked_params() == cfg.tracked_params()
+    assert load_run_config(moved) == cfg

@@ -747,8 +747,7 @@ def test_tuple_choices_round_trip_through_yaml_and_mlflow_params(tmp_path):
     params = _sample(space, 1)[0]
     cfg = space.config_for(params)
     logged = {
-        k: json.dumps(v) if isinstance(v, list | dict) else str(v)
-        for k, v in cfg.tracked_params().items()
+        k: json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in cfg.flat().items()
     }
     back = {k: tracking.param_value(v) for k, v in logged.items()}
     crop = next(p for p in space.params if p.path == "augment.crop_scale")

@@ -16,15 +16,14 @@ import yaml
 from contrastlab import tracking
 from contrastlab.config import make_config
 from contrastlab.methods import METHODS
-from contrastlab.train import (
+from contrastlab.rundir import (
     CheckpointError,
-    DivergenceError,
-    Trainer,
+    RunPlace,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
-    train,
 )
+from contrastlab.train import DivergenceError, Trainer, train
 from tests.conftest import tiny_config
 
 
@@ -40,11 +39,11 @@ def test_default_digits_run_learns(tmp_path):
     encoder at 95.5%, which the full 100-epoch run lifts to 97.6%."""
     cfg = make_config(
         {
-            "train": {"epochs": 30, "progress": False, "device": "cpu"},
+            "train": {"epochs": 30, "device": "cpu"},
             "eval": {"knn_every": 10, "knn_k": 200},
         }
     )
-    res = train(cfg, run_dir=tmp_path / "run")
+    res = train(cfg, RunPlace(tmp_path / "run"))
     assert res.final["best_knn_top1"] > res.final["init_knn_top1"] + 4
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == list(range(31))
@@ -79,10 +78,10 @@ def _crash_after(epoch):
 @pytest.mark.parametrize("name", ["simclr", "moco"])
 def test_resume_is_exact(tmp_path, name):
     cfg = tiny_config(name, train={"epochs": 3})
-    full = train(cfg, run_dir=tmp_path / "full")
+    full = train(cfg, RunPlace(tmp_path / "full"))
     with pytest.raises(CrashError):
-        train(cfg, run_dir=tmp_path / "resumed", hooks=[_crash_after(2)])
-    resumed = train(cfg, run_dir=tmp_path / "resumed", resume=True)
+        train(cfg, RunPlace(tmp_path / "resumed"), hooks=[_crash_after(2)])
+    resumed = train(cfg, RunPlace(tmp_path / "resumed"), resume=True)
     a, b = _weights(full.method), _weights(resumed.method)
     assert a.keys() == b.keys()
     for k in a:
@@ -102,7 +101,7 @@ def test_resume_is_exact(tmp_path, name):
 
 def test_checkpoints_atomic_pruned_and_weights_only(tmp_path):
     cfg = tiny_config("simclr", train={"epochs": 3, "keep_checkpoints": 2})
-    train(cfg, run_dir=tmp_path)
+    train(cfg, RunPlace(tmp_path))
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpts == ["epoch_0002.pt", "epoch_0003.pt"]
     state = load_checkpoint(latest_checkpoint(tmp_path))  # weights_only=True inside
@@ -110,7 +109,7 @@ def test_checkpoints_atomic_pruned_and_weights_only(tmp_path):
     corrupt = tmp_path / "checkpoints" / "epoch_0004.pt"
     corrupt.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="epoch_0004.pt"):
-        Trainer(cfg, run_dir=tmp_path).resume()
+        Trainer(cfg, RunPlace(tmp_path)).resume()
     # a failed write leaves the previous checkpoint intact
     good = tmp_path / "checkpoints" / "epoch_0003.pt"
     before = good.read_bytes()
@@ -126,35 +125,35 @@ def test_disk_full_is_a_clear_error_and_the_last_checkpoint_survives(tmp_path):
     (tmp_path / "checkpoints").mkdir(parents=True)
     (tmp_path / "checkpoints" / "epoch_0002.pt.tmp").symlink_to("/dev/full")
     with pytest.raises(CheckpointError, match=r"epoch_0002.pt: .*No space left on device"):
-        train(cfg, run_dir=tmp_path)
+        train(cfg, RunPlace(tmp_path))
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpts == ["epoch_0001.pt"]  # the temp file is gone, the previous checkpoint kept
     assert load_checkpoint(tmp_path / "checkpoints" / "epoch_0001.pt")["epoch"] == 1
     # space again: --resume continues from epoch 1 and ends as the uninterrupted run does
-    resumed = train(cfg, run_dir=tmp_path, resume=True)
-    straight = train(cfg, run_dir=tmp_path / "straight")
+    resumed = train(cfg, RunPlace(tmp_path), resume=True)
+    straight = train(cfg, RunPlace(tmp_path / "straight"))
     assert resumed.final["loss"] == straight.final["loss"]
     assert resumed.final["knn_top1"] == straight.final["knn_top1"]
 
 
 def test_resume_refuses_a_different_config(tmp_path):
-    train(tiny_config("simclr"), run_dir=tmp_path)
+    train(tiny_config("simclr"), RunPlace(tmp_path))
     other = tiny_config("simclr", method={"temperature": 0.1})
     with pytest.raises(CheckpointError, match="method.temperature"):
-        Trainer(other, run_dir=tmp_path).resume()
+        Trainer(other, RunPlace(tmp_path)).resume()
 
 
 def test_resume_names_a_model_state_from_other_code(tmp_path):
     """A MoCo checkpoint written before shuffle-BN: same config, no shuffler state."""
     cfg = tiny_config("moco")
-    train(cfg, run_dir=tmp_path)
+    train(cfg, RunPlace(tmp_path))
     ckpt = latest_checkpoint(tmp_path)
     state = load_checkpoint(ckpt)
     assert state["source_sha256"] == tracking.source_digest()
     del state["model"]["shuffler._extra_state"], state["source_sha256"]
     save_checkpoint(ckpt, state)
     with pytest.raises(CheckpointError) as err:
-        Trainer(cfg, run_dir=tmp_path).resume()
+        Trainer(cfg, RunPlace(tmp_path)).resume()
     msg = str(err.value)
     assert ckpt.name in msg and "lacks shuffler._extra_state" in msg
     assert "older than source stamps" in msg and tracking.source_digest() in msg
@@ -162,10 +161,10 @@ def test_resume_names_a_model_state_from_other_code(tmp_path):
 
 def test_bf16_and_channels_last_on_cpu(tmp_path):
     cfg = tiny_config("simclr", train={"precision": "bf16", "channels_last": True})
-    t = Trainer(cfg, run_dir=tmp_path)
+    t = Trainer(cfg, RunPlace(tmp_path))
     conv = next(m for m in t.method.backbone.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    views = t._views(t.train_set.images[:8])
+    views = t.views(t.train_set.images[:8])
     assert views[0].is_contiguous(memory_format=torch.channels_last)
     res = t.fit()
     assert torch.isfinite(torch.tensor(res.final["loss"]))
@@ -175,7 +174,7 @@ def test_compile_falls_back_when_the_backend_fails(tmp_path):
     cfg = tiny_config("simclr", train={"compile": True, "compile_backend": "no_such_backend"})
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        t = Trainer(cfg, run_dir=tmp_path)
+        t = Trainer(cfg, RunPlace(tmp_path))
     assert t.compiled is False
     assert any("torch.compile failed" in str(x.message) for x in w)
     assert torch.isfinite(torch.tensor(t.fit().final["loss"]))
@@ -184,7 +183,7 @@ def test_compile_falls_back_when_the_backend_fails(tmp_path):
 @pytest.mark.slow
 def test_compile_works_on_cpu(tmp_path):
     cfg = tiny_config("simclr", train={"compile": True, "compile_backend": "aot_eager"})
-    t = Trainer(cfg, run_dir=tmp_path)
+    t = Trainer(cfg, RunPlace(tmp_path))
     assert t.compiled is True
     assert torch.isfinite(torch.tensor(t.fit().final["loss"]))
 
@@ -192,22 +191,22 @@ def test_compile_works_on_cpu(tmp_path):
 def test_divergence_stops_with_a_clear_error(tmp_path):
     cfg = tiny_config("simclr", optim={"lr": 1e30, "name": "sgd"}, train={"epochs": 2})
     with pytest.raises(DivergenceError, match="loss is"):
-        train(cfg, run_dir=tmp_path)
+        train(cfg, RunPlace(tmp_path))
 
 
 def test_max_loss_guard_aborts_within_one_log_interval(tmp_path):
     # 256 images at batch 16 = 16 steps per epoch; the guard looks every 4 steps
     cfg = tiny_config("simclr", train={"batch_size": 16, "log_every": 4, "max_loss": 0.5})
     with pytest.raises(DivergenceError, match=r"train.max_loss=0.5 at epoch 1, step 4/16"):
-        train(cfg, run_dir=tmp_path)
+        train(cfg, RunPlace(tmp_path))
     assert not (tmp_path / "checkpoints").exists()  # stopped before the epoch ended
 
 
 def test_same_seed_same_result(tmp_path):
-    a = train(tiny_config("emp_ssl"), run_dir=tmp_path / "a")
-    b = train(tiny_config("emp_ssl"), run_dir=tmp_path / "b")
+    a = train(tiny_config("emp_ssl"), RunPlace(tmp_path / "a"))
+    b = train(tiny_config("emp_ssl"), RunPlace(tmp_path / "b"))
     assert a.final["loss"] == b.final["loss"] and a.final["knn_top1"] == b.final["knn_top1"]
-    c = train(tiny_config("emp_ssl", train={"seed": 1}), run_dir=tmp_path / "c")
+    c = train(tiny_config("emp_ssl", train={"seed": 1}), RunPlace(tmp_path / "c"))
     assert c.final["loss"] != a.final["loss"]
 
 
@@ -255,6 +254,67 @@ def test_cli_train_config_and_resume(tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+def _tiny_file(tmp_path, **train):
+    """A tiny config as the YAML file a user would pass to `contrastlab train`."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(tiny_config("simclr", train=train).to_yaml())
+    return str(path)
+
+
+def test_cli_train_output_dir_run_name_and_progress(tmp_path, capsys):
+    """Where a run goes and whether it shows progress are flags, not config."""
+    from contrastlab.cli import main
+
+    tiny = _tiny_file(tmp_path)
+    out = tmp_path / "out"
+    argv = ["train", tiny, "--output-dir", str(out), "--run-name", "mine", "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["run_dir"] == str(out / "mine")
+    assert (out / "mine" / "metrics.jsonl").is_file()
+    assert "epoch 1/1" not in capsys.readouterr().err  # --no-progress: quiet
+    # without --run-name: a new time-stamped directory under --output-dir
+    assert main(["train", tiny, "--output-dir", str(out)]) == 0
+    stamped = Path(json.loads(capsys.readouterr().out)["run_dir"])
+    assert stamped.parent == out and stamped.name.endswith("-simclr-digits")
+    # flags that would be ignored are refused
+    assert main(["train", tiny, "--run-dir", str(out / "x"), "--run-name", "y"]) == 2
+    assert "--run-dir names the run directory itself" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out / "mine"), "--output-dir", str(out)]) == 2
+    assert "do not pass --output-dir" in capsys.readouterr().err
+
+
+def test_resume_of_a_run_directory_written_with_the_run_place_in_its_config(tmp_path):
+    """A run directory of an earlier version: its config.yaml and its checkpoints' configs
+    hold train.output_dir, train.run_name and train.progress. `train --resume` continues it
+    and ends as the uninterrupted run does."""
+    from contrastlab.cli import main
+
+    cfg = tiny_config("simclr", train={"epochs": 2})
+    old = tmp_path / "old"
+    with pytest.raises(CrashError):
+        train(cfg, RunPlace(old), hooks=[_crash_after(1)])
+    legacy = {"output_dir": str(tmp_path), "run_name": "old", "progress": True}
+
+    def with_legacy_keys(text):
+        raw = yaml.safe_load(text)
+        raw["train"].update(legacy)
+        return yaml.safe_dump(raw, sort_keys=False)
+
+    (old / "config.yaml").write_text(with_legacy_keys((old / "config.yaml").read_text()))
+    ckpt = latest_checkpoint(old)
+    state = load_checkpoint(ckpt)
+    state["config_yaml"] = with_legacy_keys(state["config_yaml"])
+    save_checkpoint(ckpt, state)
+    assert main(["train", "--resume", str(old), "--no-progress"]) == 0
+    straight = train(cfg, RunPlace(tmp_path / "straight"))
+    resumed = [json.loads(x) for x in (old / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in resumed] == [0, 1, 2]
+    for mine, theirs in zip(resumed, straight.history, strict=True):
+        assert mine.get("loss") == theirs.get("loss") and mine["knn_top1"] == theirs["knn_top1"]
+    assert "output_dir" not in (old / "config.yaml").read_text()  # rewritten as it is now
+
+
 def test_train_on_a_users_parquet_shards(tmp_path):
     """A user's own data: PNG bytes + int labels in parquet shards, same trainer, no code."""
     import io
@@ -283,7 +343,7 @@ def test_train_on_a_users_parquet_shards(tmp_path):
         data={"dataset": "parquet", "root": str(root), "max_train_samples": None},
         train={"batch_size": 32, "epochs": 1},
     )
-    res = train(cfg, run_dir=tmp_path / "run")
+    res = train(cfg, RunPlace(tmp_path / "run"))
     assert res.final["knn_top1"] > 50  # 3 classes; the bands make them easy
     assert "parquet" in (tmp_path / "run" / "config.yaml").read_text()
 
@@ -295,31 +355,32 @@ def test_knn_monitor_uses_fixed_subsets_and_the_last_epoch_all_images(tmp_path):
 
     ev = {"monitor_train_size": 100, "monitor_test_size": 60}
     cfg = tiny_config("simclr", train={"epochs": 2, "seed": 3}, eval=ev)
-    res = train(cfg, run_dir=tmp_path / "run")
+    res = train(cfg, RunPlace(tmp_path / "run"))
     assert [("knn_top1" in h, "knn_full_top1" in h) for h in res.history] == [
         (True, False),
         (True, False),
         (True, True),
     ]
-    t = Trainer(cfg, run_dir=tmp_path / "check")
+    t = Trainer(cfg, RunPlace(tmp_path / "check"))
     t.method.load_state_dict(res.method.state_dict())
-    mem_rows, test_rows = t.monitor_rows
+    m = t.monitor
+    mem_rows, test_rows = m.rows
     assert len(mem_rows) == 100 and len(test_rows) == 60
     torch.manual_seed(123)  # the global RNG does not move the subset
-    assert torch.equal(evaluate.monitor_subset(len(t.memory_set), 100), mem_rows)
+    assert torch.equal(evaluate.monitor_subset(len(m.memory_set), 100), mem_rows)
     assert evaluate.monitor_subset(50, 0) is None and evaluate.monitor_subset(50, 50) is None
 
     def knn(mem, test):
         return evaluate.knn_accuracy(
-            t.features(mem.images), mem.labels, t.features(test.images), test.labels, 10, cfg.eval
+            m.features(mem.images), mem.labels, m.features(test.images), test.labels, 10, cfg.eval
         )["knn_top1"]
 
     last = res.history[-1]
-    assert last["knn_top1"] == knn(t.memory_set.subset(mem_rows), t.test_set.subset(test_rows))
-    assert last["knn_full_top1"] == knn(t.memory_set, t.test_set)
+    assert last["knn_top1"] == knn(m.memory_set.subset(mem_rows), m.test_set.subset(test_rows))
+    assert last["knn_full_top1"] == knn(m.memory_set, m.test_set)
     assert res.final["best_knn_top1"] == max(h["knn_top1"] for h in res.history[1:])
     off = tiny_config("simclr", eval={**ev, "knn_full_at_end": False})
-    assert "knn_full_top1" not in train(off, run_dir=tmp_path / "off").final
+    assert "knn_full_top1" not in train(off, RunPlace(tmp_path / "off")).final
 
 
 # --------------------------------------------------------------------------- label-free monitors
@@ -334,7 +395,7 @@ def test_monitors_every_epoch_and_the_automatic_knn_k_is_recorded(tmp_path):
     from contrastlab import evaluate
 
     cfg = tiny_config("simclr", train={"epochs": 2}, eval={"knn_k": None})
-    res = train(cfg, run_dir=tmp_path / "run")
+    res = train(cfg, RunPlace(tmp_path / "run"))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     for r in rows:
@@ -348,10 +409,10 @@ def test_monitors_every_epoch_and_the_automatic_knn_k_is_recorded(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["protocol"] == prot and isinstance(summary["diagnosis"], list)
 
-    t = Trainer(cfg, run_dir=tmp_path / "check")
+    t = Trainer(cfg, RunPlace(tmp_path / "check"))
     t.method.load_state_dict(res.method.state_dict())
-    mem, test = t.monitor_sets
-    f_mem, f_test = t.features(mem.images), t.features(test.images)
+    mem, test = t.monitor.sets
+    f_mem, f_test = t.monitor.features(mem.images), t.monitor.features(test.images)
     last = rows[-1]
     assert last["rankme"] == pytest.approx(evaluate.rankme(f_mem), rel=1e-9)
     r2 = evaluate.ridge_r2(
@@ -377,7 +438,8 @@ def test_monitors_every_epoch_and_the_automatic_knn_k_is_recorded(tmp_path):
     # off: the same training (the monitors draw from their own generator), none of their keys;
     # an explicit k wins and is recorded as such
     off = train(
-        tiny_config("simclr", train={"epochs": 2}, eval={"label_free": False}), tmp_path / "off"
+        tiny_config("simclr", train={"epochs": 2}, eval={"label_free": False}),
+        RunPlace(tmp_path / "off"),
     )
     assert [h.get("loss") for h in off.history] == [h.get("loss") for h in res.history]
     assert not any(k in h for h in off.history for k in LABEL_FREE)
@@ -389,7 +451,7 @@ def test_monitors_every_epoch_and_the_automatic_knn_k_is_recorded(tmp_path):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_runs_with_the_label_free_monitors(tmp_path, name):
     # EMP-SSL's patch-averaged features, CPC's patch grid and CMC's two encoders included
-    res = train(tiny_config(name), run_dir=tmp_path)
+    res = train(tiny_config(name), RunPlace(tmp_path))
     assert [h["epoch"] for h in res.history] == [0, 1]
     for h in res.history:
         assert all(math.isfinite(h[k]) for k in LABEL_FREE), (name, h)
@@ -404,7 +466,7 @@ def test_a_collapsing_run_is_diagnosed_named_and_recorded(tmp_path, capfd):
     collapse = {"method": {"tcr_weight": 0.0}, "model": {"head": "none"}}
     cfg = tiny_config("emp_ssl", train={"epochs": 2}, **collapse)
     with pytest.warns(RuntimeWarning, match="contrastlab diagnosis: collapse: the features") as w:
-        res = train(cfg, run_dir=tmp_path / "quiet")
+        res = train(cfg, RunPlace(tmp_path / "quiet"))
     said = [str(x.message) for x in w if "diagnosis: collapse" in str(x.message)]
     assert len(said) == 1  # epoch 2 still collapsed: not said again
     assert res.history[1]["rankme"] < 2 < res.history[0]["rankme"]
@@ -413,9 +475,9 @@ def test_a_collapsing_run_is_diagnosed_named_and_recorded(tmp_path, capfd):
     assert summary["diagnosis"][0]["message"] == said[0].removeprefix("contrastlab diagnosis: ")
     assert any(m.startswith("collapse") for m in diagnose(res.history, final=True))
 
-    loud = tiny_config("emp_ssl", train={"epochs": 1, "progress": True}, **collapse)
+    loud = tiny_config("emp_ssl", train={"epochs": 1}, **collapse)
     capfd.readouterr()
-    train(loud, run_dir=tmp_path / "loud")
+    train(loud, RunPlace(tmp_path / "loud", progress=True))
     assert "contrastlab diagnosis: collapse: the features" in capfd.readouterr().err
 
 
@@ -442,7 +504,7 @@ def test_the_tune_hook_tags_the_trials_mlflow_run_with_the_diagnosis(tmp_path):
     cfg = tiny_config("emp_ssl", train={"epochs": 2}, **collapse)
     hook = _report_hook(report, Checkpoint, run, True, cfg.train.epochs, tmp_path / "run")
     with pytest.warns(RuntimeWarning, match="diagnosis: collapse"):
-        train(cfg, run_dir=tmp_path / "run", hooks=[hook])
+        train(cfg, RunPlace(tmp_path / "run"), hooks=[hook])
     assert reports == [(1, ["epoch_0001.pt"]), (2, ["epoch_0002.pt"])]
     got = tracking.client(uri).get_run(run.run_id)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -480,8 +542,7 @@ def test_cli_train_with_tracking_uri_logs_the_run_like_a_trial(tmp_path):
     assert tags["contrastlab.git_sha"] and tags["contrastlab.run_dir"] == str(run_dir)
     assert tags["contrastlab.source_sha256"] == tracking.source_digest()
     expected = {
-        k: json.dumps(v) if isinstance(v, list | dict) else str(v)
-        for k, v in cfg.tracked_params().items()
+        k: json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in cfg.flat().items()
     }
     assert run.data.params == expected
     local = [json.loads(line) for line in (tmp_path / "tracked" / "metrics.jsonl").open()]
@@ -538,7 +599,7 @@ def test_a_resumed_hand_run_continues_its_mlflow_run(tmp_path):
 
     run = tracking.open_train_run(uri, None, cfg, run_dir)
     with pytest.raises(StopError), tracking.failed_on_error(run):
-        train(cfg, run_dir=run_dir, hooks=[tracking.epoch_logger(run, 2, run_dir), stop])
+        train(cfg, RunPlace(run_dir), hooks=[tracking.epoch_logger(run, 2, run_dir), stop])
     c = tracking.client(uri)
     assert c.get_run(run.run_id).info.status == "FAILED"
     assert main(["train", "--resume", str(run_dir), "--tracking-uri", uri]) == 0

@@ -34,19 +34,44 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from contrastlab import tracking
-    from contrastlab.train import latest_checkpoint, load_run_config, make_run_dir, train
+    from contrastlab.rundir import (
+        DEFAULT_OUTPUT_DIR,
+        RunPlace,
+        latest_checkpoint,
+        load_run_config,
+        make_run_dir,
+    )
+    from contrastlab.train import train
 
+    where = {
+        "--run-dir": args.run_dir,
+        "--output-dir": args.output_dir,
+        "--run-name": args.run_name,
+    }
+    named = [flag for flag, value in where.items() if value is not None]
     if args.resume:
         if args.config or args.overrides:
             raise ConfigError(
                 "--resume continues a run with its saved config; "
                 "do not pass a config file or --set with it"
             )
+        if named:
+            raise ConfigError(
+                f"--resume RUN_DIR continues the run where it is; do not pass {', '.join(named)}"
+            )
         cfg = load_run_config(args.resume)
-        run_dir = args.resume
+        run_dir = Path(args.resume)
+    elif args.run_dir is not None:
+        if len(named) > 1:
+            raise ConfigError(
+                "--run-dir names the run directory itself; do not pass --output-dir or "
+                "--run-name with it"
+            )
+        cfg = load_config(args.config, args.overrides)
+        run_dir = Path(args.run_dir)
     else:
         cfg = load_config(args.config, args.overrides)
-        run_dir = args.run_dir or make_run_dir(cfg)
+        run_dir = make_run_dir(cfg, args.output_dir or DEFAULT_OUTPUT_DIR, args.run_name)
     if args.experiment and not args.tracking_uri:
         raise ConfigError(
             "--experiment names the MLflow experiment of --tracking-uri; pass --tracking-uri "
@@ -58,17 +83,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
             args.tracking_uri, args.experiment, cfg, run_dir, resume=bool(args.resume)
         )
         print(f"contrastlab: logging to MLflow run {run.run_id} ({run.uri})", file=sys.stderr)
-    hooks = [tracking.epoch_logger(run, cfg.train.epochs, Path(run_dir))] if run else []
+    hooks = [tracking.epoch_logger(run, cfg.train.epochs, run_dir)] if run else []
+    place = RunPlace(run_dir, progress=args.progress)
     try:
         with tracking.failed_on_error(run):
-            result = train(cfg, run_dir=run_dir, resume=bool(args.resume), hooks=hooks)
+            result = train(cfg, place, resume=bool(args.resume), hooks=hooks)
     except KeyboardInterrupt:
         if run is not None:
             run.end("KILLED", reason="KeyboardInterrupt: stopped by the user")
         raise
     if run is not None and not run.ended:
         # a resumed run that had already trained every epoch: no epoch hook ran to close it
-        tracking.close_run(run, latest_checkpoint(Path(run_dir)))
+        tracking.close_run(run, latest_checkpoint(run_dir))
     print(json.dumps({"run_dir": str(result.run_dir), **result.final}, indent=2))
     return 0
 
@@ -286,7 +312,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train a model locally")
     _add_config_args(p_train)
-    p_train.add_argument("--run-dir", help="run directory (default: train.output_dir/<time>)")
+    p_train.add_argument("--run-dir", help="run directory (default: OUTPUT_DIR/RUN_NAME)")
+    p_train.add_argument("--output-dir", help="parent folder of the run directory (default: runs)")
+    p_train.add_argument(
+        "--run-name", help="run directory name (default: <time>-<method>-<dataset>)"
+    )
+    p_train.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="progress bars and one line per epoch on stderr (default: on)",
+    )
     p_train.add_argument("--resume", metavar="RUN_DIR", help="resume from RUN_DIR's checkpoint")
     p_train.add_argument(
         "--tracking-uri",
@@ -360,8 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     p_pr.set_defaults(func=_cmd_reproduce)
     args = parser.parse_args(argv)
     from contrastlab.data import DataError
+    from contrastlab.rundir import CheckpointError
     from contrastlab.tracking import TrackingError
-    from contrastlab.train import CheckpointError, DivergenceError
+    from contrastlab.train import DivergenceError
 
     try:
         return args.func(args)

@@ -842,7 +842,9 @@ class EvalConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """Loop, precision and run-directory settings."""
+    """Loop, precision and checkpoint settings. Where a run is written and whether it shows
+    progress are not config (they do not change results): see
+    :class:`contrastlab.rundir.RunPlace`."""
 
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(256, ge=2)
@@ -864,11 +866,8 @@ class TrainConfig(_Strict):
         "checked with the NaN/inf guard every log_every steps",
     )
     deterministic: bool = Field(True, description="deterministic algorithms (CPU exact repeat)")
-    output_dir: str = Field("runs", description="parent directory of run directories")
-    run_name: str | None = Field(None, description="run directory name (default: time stamp)")
     checkpoint_every: int = Field(1, ge=1, description="save a checkpoint every N epochs")
     keep_checkpoints: int = Field(2, ge=1, description="how many epoch checkpoints to keep")
-    progress: bool = Field(True, description="show a progress bar")
     log_every: int = Field(
         20, ge=1, description="steps between progress-bar updates (each one syncs the device)"
     )
@@ -913,16 +912,15 @@ class Config(_Strict):
         """``{"method.temperature": 0.5, ...}``: one entry per leaf, for trackers."""
         return dict(_flatten(self.to_dict()))
 
-    def tracked_params(self) -> dict[str, Any]:
-        """:meth:`flat` without the fields that only say where outputs go or how progress is
-        shown (:data:`UNTRACKED`): they never change results, and as per-trial paths they
-        would make every MLflow comparison list them as differences. The resolved config
-        artifact keeps them."""
-        return {k: v for k, v in self.flat().items() if k not in UNTRACKED}
 
-
-UNTRACKED = ("train.output_dir", "train.run_name", "train.progress")
-"""Config fields that do not change results (see :meth:`Config.tracked_params`)."""
+RUN_PLACE_KEYS = {
+    "train.output_dir": "--output-dir",
+    "train.run_name": "--run-name",
+    "train.progress": "--progress / --no-progress",
+}
+"""Keys that earlier versions had in the config, with the ``contrastlab train`` flag that took
+each one's place: where a run is written and whether it shows progress do not change its
+results (see :class:`contrastlab.rundir.RunPlace`)."""
 
 
 def _check_cpc_grid(m: CPCConfig, image_size: int) -> None:
@@ -1106,7 +1104,13 @@ def error_lines(
         ctx = e.get("ctx", {})
         got = e.get("input")
         _, parent = _walk(root, e["loc"][:-1])
-        if e["type"] in ("extra_forbidden", "invalid_key"):
+        if e["type"] == "extra_forbidden" and key in RUN_PLACE_KEYS:
+            lines.append(
+                f"{key}: not a config key: where a run is written and whether it shows progress "
+                f"do not change its results (did you mean the `contrastlab train` flag "
+                f"{RUN_PLACE_KEYS[key]}?)"
+            )
+        elif e["type"] in ("extra_forbidden", "invalid_key"):
             allowed = keys(parent.model_fields) if _is_model(parent) else []
             hint = did_you_mean(shown[-1], allowed)
             lines.append(f"{key}: unknown key{hint}; allowed: {', '.join(allowed)}")
@@ -1153,6 +1157,18 @@ def make_config(raw: Mapping[str, Any] | None = None) -> Config:
         return Config.model_validate(resolved)
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
+
+
+def saved_config(text: str) -> Config:
+    """The config a run saved (YAML ``text``: a run directory's ``config.yaml``, a checkpoint's
+    or an MLflow run's copy), validated as :func:`make_config` does, except that the keys
+    earlier versions saved there and that are no longer config (:data:`RUN_PLACE_KEYS`) are
+    dropped: runs of those versions still resume and reproduce."""
+    raw = yaml.safe_load(text) or {}
+    train = raw.get("train") if isinstance(raw, dict) else None
+    if isinstance(train, dict):
+        raw["train"] = {k: v for k, v in train.items() if f"train.{k}" not in RUN_PLACE_KEYS}
+    return make_config(raw)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,4 +1,5 @@
-"""Evaluation protocols: weighted kNN monitor, linear probe, EMP-SSL patch-averaged features.
+"""Evaluation protocols: weighted kNN monitor, linear probe, EMP-SSL patch-averaged features,
+the label-free monitors and the diagnosis, and a run's :class:`Monitor` of them all.
 
 Reported numbers depend heavily on the protocol (EMP-SSL issue #11), so every function here
 returns, next to its numbers, a ``protocol`` dict that the trainer logs with them.
@@ -7,14 +8,22 @@ returns, next to its numbers, a ``protocol`` dict that the trainer logs with the
 from __future__ import annotations
 
 import math
+import sys
+import time
+import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from contrastlab.config import EvalConfig
+
+if TYPE_CHECKING:
+    from contrastlab.augment import BatchAugment
+    from contrastlab.data import DatasetSplits
 
 #: Rows per forward pass on the CPU. A small convnet's eval forward ran up to 1.9x faster on
 #: 64-image blocks than on 512 (presumably cache; ResNet-18 ~18%), and every image's features
@@ -735,3 +744,239 @@ def diagnose(
             "term that spreads the embeddings (negatives, coding rate)"
         )
     return out
+
+
+# --------------------------------------------------------------------------- a run's monitor
+
+
+class Monitor:
+    """What a training run measures besides its loss, and what it concludes from that.
+
+    Every ``eval.knn_every`` epochs (and at the last): kNN accuracy on fixed subsets of the
+    labelled training images (the memory) and of the test images (``eval.monitor_*_size``),
+    the k it used and, with ``eval.label_free``, the label-free monitors on the same features.
+    At the last epoch also kNN on every image (``knn_full_*``) and the linear probe, when
+    asked. After every epoch, :func:`diagnose` on the run's history, each kind said once.
+
+    Args:
+        encoder: the backbone whose features are measured (``[B, 3, S, S]`` float ->
+            ``[B, F]``): the training model's own module, so each call sees its current weights.
+        augment: the training augmentation: its ``normalize`` makes the encoder's input; its
+            views are EMP-SSL's patches and the alignment pairs.
+        data: the dataset splits; the labelled training images are the kNN memory.
+        cfg: the evaluation settings.
+        device: where features are computed.
+        seed: the run's seed (the patch draws of ``eval.feature='patch_avg'``, the probe).
+        store: where the evaluation images are kept (default: ``device``).
+        autocast_dtype: e.g. ``torch.bfloat16``, to match the training precision.
+        channels_last: feed the encoder channels_last input, as training does.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        augment: BatchAugment,
+        data: DatasetSplits,
+        cfg: EvalConfig,
+        device: torch.device,
+        *,
+        seed: int,
+        store: torch.device | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        self.encoder, self.augment, self.cfg, self.device = encoder, augment, cfg, device
+        self.seed, self.autocast_dtype, self.channels_last = seed, autocast_dtype, channels_last
+        store = device if store is None else store
+        self.num_classes = data.train.num_classes
+        self.memory_set = data.labeled_train().to(store)
+        self.test_set = data.test.to(store)
+        # the per-epoch kNN monitor's fixed subsets (rows None: the whole set), cut once
+        self.rows = (
+            monitor_subset(len(self.memory_set), cfg.monitor_train_size),
+            monitor_subset(len(self.test_set), cfg.monitor_test_size),
+        )
+        self.sets = tuple(
+            s if rows is None else s.subset(rows)
+            for s, rows in zip((self.memory_set, self.test_set), self.rows, strict=True)
+        )
+        # [N, 5] and [M, 5] colour statistics of the monitor subsets (nuisance_r2's targets)
+        self._nuisance: tuple[torch.Tensor, torch.Tensor] | None = None
+        # what diagnose said, each kind once: {"epoch", "kind", "message"}
+        self.diagnoses: list[dict[str, Any]] = []
+
+    @property
+    def is_subset(self) -> bool:
+        """Whether the per-epoch kNN monitor sees only part of the memory or test set."""
+        return any(rows is not None for rows in self.rows)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Evaluation features of uint8 images, per ``eval.feature``."""
+        ev = self.cfg
+        if ev.feature == "patch_avg":
+            return patch_averaged_features(
+                self.encoder,
+                images,
+                self.augment,
+                ev.num_patches,
+                ev.batch_size,
+                self.device,
+                seed=self.seed,
+                autocast_dtype=self.autocast_dtype,
+            )
+        return extract_features(
+            self.encoder,
+            images,
+            self._encoder_input,
+            ev.batch_size,
+            self.device,
+            autocast_dtype=self.autocast_dtype,
+        )
+
+    def _encoder_input(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.augment.normalize(images)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def knn(self, full: bool = False) -> dict[str, float]:
+        """kNN accuracy: the per-epoch monitor on its fixed subsets (``eval.monitor_*_size``),
+        or with ``full`` on every memory and test image (metrics then named ``knn_full_*``).
+
+        The per-epoch monitor also reports the k it used (``knn_k``) and, with
+        ``eval.label_free``, the label-free monitors (:meth:`label_free`) on the same
+        features."""
+        mem, test = (self.memory_set, self.test_set) if full else self.sets
+        f_mem, f_test = self.features(mem.images), self.features(test.images)
+        out = knn_accuracy(
+            f_mem,
+            mem.labels.to(self.device),
+            f_test,
+            test.labels.to(self.device),
+            self.num_classes,
+            self.cfg,
+        )
+        if full:
+            return {k.replace("knn_", "knn_full_"): v for k, v in out.items()}
+        out["knn_k"] = knn_k(self.cfg, len(mem), self.num_classes)
+        if self.cfg.label_free:
+            out.update(self.label_free(f_mem, f_test))
+        return out
+
+    def label_free(self, f_mem: torch.Tensor, f_test: torch.Tensor) -> dict[str, float]:
+        """The label-free monitors of the current encoder (none of them reads a label).
+
+        Args:
+            f_mem: [N, F] evaluation features of the monitor memory subset.
+            f_test: [M, F] evaluation features of the monitor test subset.
+
+        Returns:
+            ``rankme`` of ``f_mem``; ``alignment`` and ``uniformity`` (the mean over the two
+            views) of the L2-normalised backbone features of two augmented views of the first
+            ``eval.label_free_size`` memory images: the backbone's, not the projection head's,
+            because it is what kNN and a downstream user see, and every method has one (CMC's
+            two heads and CPC's per-patch head do not give one comparable embedding);
+            ``nuisance_r2``, the held-out R^2 of a ridge regression from the evaluation
+            features to per-image colour statistics, averaged over the statistics that vary.
+        """
+        ev = self.cfg
+        mem, test = self.sets
+        out = {"rankme": rankme(f_mem)}
+        images = mem.images[: ev.label_free_size]
+        if images.shape[0] >= 2:
+            z1, z2 = paired_view_features(
+                self.encoder,
+                images,
+                self.augment,
+                ev.batch_size,
+                self.device,
+                autocast_dtype=self.autocast_dtype,
+            )
+            out["alignment"] = alignment(z1, z2)
+            out["uniformity"] = (uniformity(z1) + uniformity(z2)) / 2
+        if self._nuisance is None:  # the subsets are fixed: their statistics are computed once
+            self._nuisance = (
+                image_statistics(mem.images).to(self.device),
+                image_statistics(test.images).to(self.device),
+            )
+        r2 = ridge_r2(f_mem, self._nuisance[0], f_test, self._nuisance[1], ev.nuisance_ridge)
+        r2 = r2[r2.isfinite()]  # a statistic constant on the test subset has no R^2
+        if r2.numel():
+            out["nuisance_r2"] = float(r2.mean())
+        return out
+
+    def probe(self) -> dict[str, float]:
+        """The linear probe on every memory and test image (:func:`linear_probe`)."""
+        mem, test = self.memory_set, self.test_set
+        return linear_probe(
+            self.features(mem.images),
+            mem.labels.to(self.device),
+            self.features(test.images),
+            test.labels.to(self.device),
+            self.num_classes,
+            self.cfg,
+            seed=self.seed,
+        )
+
+    def measure(self, epoch: int, epochs: int) -> dict[str, float]:
+        """The monitors due after ``epoch`` of a run of ``epochs`` (epoch 0: the random-init
+        encoder, with ``eval.knn_at_init``); empty when none is.
+
+        The kNN monitor runs every ``eval.knn_every`` epochs and at the last, timed as
+        ``eval_time_s``; the last epoch adds kNN on every image (when the monitor sees a subset
+        and ``eval.knn_full_at_end``) and the linear probe (``eval.linear_probe``).
+        """
+        ev, last = self.cfg, epoch == epochs
+        out: dict[str, float] = {}
+        if ev.knn_every and (epoch % ev.knn_every == 0 or last) and (epoch or ev.knn_at_init):
+            t0 = time.perf_counter()
+            out.update(self.knn())
+            out["eval_time_s"] = time.perf_counter() - t0
+            if last and self.is_subset and ev.knn_full_at_end:
+                out.update(self.knn(full=True))
+        if last and ev.linear_probe:
+            out.update(self.probe())
+        return out
+
+    def protocol(self) -> dict[str, Any]:
+        """How the numbers of :meth:`measure` are produced (a run's ``protocol.json``)."""
+        ev = self.cfg
+        prot = {
+            "knn": protocol(
+                ev,
+                "knn",
+                memory_size=len(self.sets[0]),
+                num_classes=self.num_classes,
+                full_memory_size=len(self.memory_set) if self.is_subset else None,
+            )
+        }
+        if ev.label_free:
+            prot["label_free"] = protocol(ev, "label_free")
+        if ev.linear_probe:
+            prot["linear_probe"] = protocol(ev, "probe")
+        return prot
+
+    def report_diagnoses(
+        self, history: list[dict[str, float]], epochs: int, progress: bool
+    ) -> None:
+        """Record each new kind of :func:`diagnose` message on ``history`` (of a run of
+        ``epochs`` epochs) once, in :attr:`diagnoses`, and print it: through tqdm with
+        ``progress`` bars, else as a :class:`RuntimeWarning` on stderr, so that it reaches the
+        user either way."""
+        for d in self._update_diagnoses(history, epochs):
+            text = f"contrastlab diagnosis: {d['message']}"
+            if progress:
+                tqdm.write(text, file=sys.stderr)
+            else:
+                warnings.warn(text, RuntimeWarning, stacklevel=2)
+
+    def recall_diagnoses(self, history: list[dict[str, float]], epochs: int) -> None:
+        """Record, without printing, what the diagnosis said after each epoch of ``history``:
+        a resumed run's summary then holds what the interrupted attempt said, at its epochs."""
+        for end in range(1, len(history) + 1):
+            self._update_diagnoses(history[:end], epochs)
+
+    def _update_diagnoses(
+        self, history: list[dict[str, float]], epochs: int
+    ) -> list[dict[str, Any]]:
+        final = history[-1].get("epoch") == epochs
+        return update_diagnoses(history, self.diagnoses, final, grace_epochs(epochs))

@@ -460,7 +460,7 @@ def open_run(
         parent_id,
         trial_id,
         name,
-        cfg.tracked_params(),
+        cfg.flat(),
         tags={
             "contrastlab.method": cfg.method.name,
             THREADS_TAG: str(torch.get_num_threads()),
@@ -479,11 +479,9 @@ def open_run(
 def _rows_before(run_dir: Path, epoch: int) -> list[dict[str, float]]:
     """The rows of the trainer's ``metrics.jsonl`` before ``epoch`` (epoch 0, the random-init
     evaluation, and after a resume the epochs the checkpoint holds)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("epoch", 0) < epoch]
+    from contrastlab.rundir import read_metrics
+
+    return [r for r in read_metrics(run_dir) if r.get("epoch", 0) < epoch]
 
 
 def epoch_logger(run: TrialRun, epochs: int, run_dir: Path | None = None):

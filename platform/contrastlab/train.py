@@ -2,41 +2,27 @@
 
 Ray stays outside: the caller passes ``hooks``, called after every epoch with the metrics and
 the path of the checkpoint just written, which is where a Ray integration reports to Tune.
-
-A run directory holds::
-
-    config.yaml          the resolved config (every default filled in)
-    protocol.json        how the evaluation numbers were produced
-    metrics.jsonl        one JSON line per epoch (epoch 0 = before training, when measured)
-    checkpoints/epoch_NNNN.pt   model, optimizer, RNG states, history (weights_only-loadable)
-    summary.json         final metrics, written when training finishes
-    mlflow_run.json      the MLflow run it logs to (``contrastlab train --tracking-uri``)
+What a run writes, and where, is :mod:`contrastlab.rundir`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
-import os
-import shutil
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from contrastlab import evaluate
 from contrastlab.augment import BatchAugment
-from contrastlab.config import Config, ConfigError, make_config
+from contrastlab.config import Config, ConfigError, saved_config
 from contrastlab.data import DatasetSplits, load_dataset
 from contrastlab.distributed import (
     all_reduce_mean,
@@ -47,6 +33,20 @@ from contrastlab.distributed import (
 )
 from contrastlab.methods import Method, build_method
 from contrastlab.optim import build_optimizer, lr_at
+from contrastlab.rundir import (
+    CheckpointError,
+    RunPlace,
+    append_metrics,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    make_run_dir,
+    prune_checkpoints,
+    save_checkpoint,
+    write_metrics,
+    write_run_files,
+    write_summary,
+)
 from contrastlab.tracking import source_digest
 
 Hook = Callable[[int, dict[str, float], Path | None], None]
@@ -55,10 +55,6 @@ Hook = Callable[[int, dict[str, float], Path | None], None]
 
 class DivergenceError(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read."""
 
 
 @dataclass
@@ -92,76 +88,6 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: a crash or a full disk mid-write leaves the previous file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        # serialise in memory first: torch's zip writer turns a full disk into an opaque
-        # "unexpected pos" error, a plain write gives the OS's own (ENOSPC, EDQUOT, ...)
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        with open(tmp, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as e:  # disk full, permissions, unpicklable state: all fatal, all named
-        tmp.unlink(missing_ok=True)
-        free = ""
-        if isinstance(e, OSError):
-            with contextlib.suppress(OSError):
-                free = f" ({shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there)"
-        raise CheckpointError(f"could not write checkpoint {path}: {e}{free}") from e
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no arbitrary code from pickles)."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    except Exception as e:  # torch raises several types for a corrupt or foreign file
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a contrastlab checkpoint: {e}"
-        ) from e
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("epoch_*.pt"))
-    return ckpts[-1] if ckpts else None
-
-
-def checkpoint_epoch(path: Path) -> int:
-    """The epoch a checkpoint file holds, from its name (``epoch_NNNN.pt``, see :meth:`fit`)."""
-    return int(Path(path).stem.split("_")[1])
-
-
-def _prune_checkpoints(run_dir: Path, keep: int) -> None:
-    for old in sorted((run_dir / "checkpoints").glob("epoch_*.pt"))[:-keep]:
-        old.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------- run directory
-
-
-def make_run_dir(cfg: Config) -> Path:
-    name = cfg.train.run_name or (
-        f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.method.name}-{cfg.data.dataset}"
-    )
-    return Path(cfg.train.output_dir) / name
-
-
-def load_run_config(run_dir: str | Path) -> Config:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"cannot resume: {path} not found (is {run_dir} a run directory?)")
-    return make_config(yaml.safe_load(path.read_text()))
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -170,7 +96,8 @@ class Trainer:
 
     Args:
         cfg: the run config.
-        run_dir: where outputs go (default: ``train.output_dir/train.run_name``).
+        place: where the run writes its files and whether it shows progress (default: a new
+            time-stamped directory under ``runs/``, no progress output).
         hooks: called after each epoch (see :data:`Hook`).
         data: pre-loaded dataset splits (default: loaded from ``cfg.data``).
     """
@@ -178,12 +105,12 @@ class Trainer:
     def __init__(
         self,
         cfg: Config,
-        run_dir: str | Path | None = None,
+        place: RunPlace | None = None,
         hooks: Sequence[Hook] = (),
         data: DatasetSplits | None = None,
     ) -> None:
         self.cfg = cfg
-        self.run_dir = Path(run_dir) if run_dir is not None else make_run_dir(cfg)
+        self.place = place if place is not None else RunPlace(make_run_dir(cfg))
         self.hooks = list(hooks)
         self.device = resolve_device(cfg.train.device)
         self.rank, self.world = rank(), world_size()
@@ -192,21 +119,8 @@ class Trainer:
         _seed_everything(t.seed, t.deterministic)
 
         data = data if data is not None else load_dataset(cfg.data)
-        self.data = data
         store = self.device if cfg.data.on_device else torch.device("cpu")
         self.train_set = data.train.to(store)
-        self.memory_set = data.labeled_train().to(store)
-        self.test_set = data.test.to(store)
-        # the per-epoch kNN monitor's fixed subsets (rows None: the whole set), cut once
-        ev = cfg.eval
-        self.monitor_rows = (
-            evaluate.monitor_subset(len(self.memory_set), ev.monitor_train_size),
-            evaluate.monitor_subset(len(self.test_set), ev.monitor_test_size),
-        )
-        self.monitor_sets = tuple(
-            s if rows is None else s.subset(rows)
-            for s, rows in zip((self.memory_set, self.test_set), self.monitor_rows, strict=True)
-        )
         n = len(self.train_set)
         if t.batch_size > n:
             raise ConfigError(
@@ -234,6 +148,17 @@ class Trainer:
             self._compile_backbone()
         self.optimizer = build_optimizer(self.method, cfg.optim, self.device)
         self.autocast_dtype = torch.bfloat16 if t.precision == "bf16" else None
+        self.monitor = evaluate.Monitor(
+            self.method.backbone,
+            self.augment,
+            data,
+            cfg.eval,
+            self.device,
+            seed=t.seed,
+            store=store,
+            autocast_dtype=self.autocast_dtype,
+            channels_last=self.channels_last,
+        )
 
         # Batch order (CPU) and augmentation (device) generators are re-seeded at the start of
         # every epoch from (seed, epoch, rank), so a run resumed at an epoch boundary draws
@@ -243,10 +168,6 @@ class Trainer:
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, float]] = []
-        # [N, 5] and [M, 5] colour statistics of the monitor subsets (nuisance_r2's targets)
-        self._nuisance: tuple[torch.Tensor, torch.Tensor] | None = None
-        # what evaluate.diagnose said, each kind once: {"epoch", "kind", "message"}
-        self.diagnoses: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- setup pieces
 
@@ -267,7 +188,10 @@ class Trainer:
             self.compiled = False
             warnings.warn(f"torch.compile failed, continuing uncompiled: {e}", stacklevel=2)
 
-    def _views(self, images: torch.Tensor) -> torch.Tensor:
+    def views(self, images: torch.Tensor) -> torch.Tensor:
+        """The augmented views a training step draws from ``images`` (``uint8 [B, 3, S, S]`` on
+        the training device): ``[V, B, 3, S, S]`` float, V the method's ``n_views``, from the
+        epoch's augmentation generator, channels_last when training is."""
         views = self.augment(images, self.method.n_views, self.aug_gen)  # [V, B, 3, S, S]
         if self.channels_last:
             V, B = views.shape[:2]
@@ -294,10 +218,10 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
         if state.get("format") != "contrastlab-checkpoint-v1":
             raise CheckpointError(f"{source}: not a contrastlab checkpoint (no format tag)")
-        # only fields that change results must match: where the run lives (a resumed sweep's
-        # new Ray session, a run directory moved or copied elsewhere) does not
-        saved = make_config(yaml.safe_load(state["config_yaml"])).tracked_params()
-        here = self.cfg.tracked_params()
+        # the whole config must match; where the run lives is no part of it, so a resumed
+        # sweep's new Ray session or a run directory moved elsewhere resumes
+        saved = saved_config(state["config_yaml"]).flat()
+        here = self.cfg.flat()
         if saved != here:
             diff = sorted(k for k in saved.keys() | here.keys() if saved.get(k) != here.get(k))
             raise CheckpointError(f"{source} was written by a different config; differs in {diff}")
@@ -340,160 +264,24 @@ class Trainer:
                 f"{'; it '.join(parts)}. It was written by contrastlab source {written}, this is "
                 f"{source_digest()}: the model's structure changed between the two (e.g. "
                 "MoCo checkpoints from before shuffle-BN lack 'shuffler._extra_state'). Resume "
-                "it with the code that wrote it, or start a new run (another train.run_name)"
+                "it with the code that wrote it, or start a new run (another run directory)"
             )
         self.method.load_state_dict(saved)
 
     def resume(self) -> bool:
         """Load the newest checkpoint in the run directory; False if there is none."""
-        ckpt = latest_checkpoint(self.run_dir)
+        ckpt = latest_checkpoint(self.place.dir)
         if ckpt is None:
             return False
         self.load_state_dict(load_checkpoint(ckpt, self.device), str(ckpt))
         return True
 
-    # ----------------------------------------------------------------- evaluation
-
-    @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Evaluation features of uint8 images, per ``eval.feature``."""
-        ev = self.cfg.eval
-        if ev.feature == "patch_avg":
-            return evaluate.patch_averaged_features(
-                self.method.backbone,
-                images,
-                self.augment,
-                ev.num_patches,
-                ev.batch_size,
-                self.device,
-                seed=self.cfg.train.seed,
-                autocast_dtype=self.autocast_dtype,
-            )
-        return evaluate.extract_features(
-            self.method.backbone,
-            images,
-            self._eval_input,
-            ev.batch_size,
-            self.device,
-            autocast_dtype=self.autocast_dtype,
-        )
-
-    def _eval_input(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.augment.normalize(images)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    @property
-    def monitor_is_subset(self) -> bool:
-        """Whether the per-epoch kNN monitor sees only part of the memory or test set."""
-        return any(rows is not None for rows in self.monitor_rows)
-
-    def evaluate_knn(self, full: bool = False) -> dict[str, float]:
-        """kNN accuracy: the per-epoch monitor on its fixed subsets (``eval.monitor_*_size``),
-        or with ``full`` on every memory and test image (metrics then named ``knn_full_*``).
-
-        The per-epoch monitor also reports the k it used (``knn_k``) and, with
-        ``eval.label_free``, the label-free monitors (:meth:`evaluate_label_free`) on the same
-        features."""
-        mem, test = (self.memory_set, self.test_set) if full else self.monitor_sets
-        f_mem, f_test = self.features(mem.images), self.features(test.images)
-        out = evaluate.knn_accuracy(
-            f_mem,
-            mem.labels.to(self.device),
-            f_test,
-            test.labels.to(self.device),
-            self.data.train.num_classes,
-            self.cfg.eval,
-        )
-        if full:
-            return {k.replace("knn_", "knn_full_"): v for k, v in out.items()}
-        out["knn_k"] = evaluate.knn_k(self.cfg.eval, len(mem), self.data.train.num_classes)
-        if self.cfg.eval.label_free:
-            out.update(self.evaluate_label_free(f_mem, f_test))
-        return out
-
-    def evaluate_label_free(self, f_mem: torch.Tensor, f_test: torch.Tensor) -> dict[str, float]:
-        """The label-free monitors of the current encoder (none of them reads a label).
-
-        Args:
-            f_mem: [N, F] evaluation features of the monitor memory subset.
-            f_test: [M, F] evaluation features of the monitor test subset.
-
-        Returns:
-            ``rankme`` of ``f_mem``; ``alignment`` and ``uniformity`` (the mean over the two
-            views) of the L2-normalised backbone features of two augmented views of the first
-            ``eval.label_free_size`` memory images: the backbone's, not the projection head's,
-            because it is what kNN and a downstream user see, and every method has one (CMC's
-            two heads and CPC's per-patch head do not give one comparable embedding);
-            ``nuisance_r2``, the held-out R^2 of a ridge regression from the evaluation
-            features to per-image colour statistics, averaged over the statistics that vary.
-        """
-        ev = self.cfg.eval
-        mem, test = self.monitor_sets
-        out = {"rankme": evaluate.rankme(f_mem)}
-        images = mem.images[: ev.label_free_size]
-        if images.shape[0] >= 2:
-            z1, z2 = evaluate.paired_view_features(
-                self.method.backbone,
-                images,
-                self.augment,
-                ev.batch_size,
-                self.device,
-                autocast_dtype=self.autocast_dtype,
-            )
-            out["alignment"] = evaluate.alignment(z1, z2)
-            out["uniformity"] = (evaluate.uniformity(z1) + evaluate.uniformity(z2)) / 2
-        if self._nuisance is None:  # the subsets are fixed: their statistics are computed once
-            self._nuisance = (
-                evaluate.image_statistics(mem.images).to(self.device),
-                evaluate.image_statistics(test.images).to(self.device),
-            )
-        r2 = evaluate.ridge_r2(
-            f_mem, self._nuisance[0], f_test, self._nuisance[1], ev.nuisance_ridge
-        )
-        r2 = r2[r2.isfinite()]  # a statistic constant on the test subset has no R^2
-        if r2.numel():
-            out["nuisance_r2"] = float(r2.mean())
-        return out
-
-    def evaluate_probe(self) -> dict[str, float]:
-        mem, test = self.memory_set, self.test_set
-        return evaluate.linear_probe(
-            self.features(mem.images),
-            mem.labels.to(self.device),
-            self.features(test.images),
-            test.labels.to(self.device),
-            self.data.train.num_classes,
-            self.cfg.eval,
-            seed=self.cfg.train.seed,
-        )
-
     # ----------------------------------------------------------------- the loop
-
-    def _write_run_files(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
-        ev = self.cfg.eval
-        mem = self.monitor_sets[0]
-        prot = {
-            "knn": evaluate.protocol(
-                ev,
-                "knn",
-                memory_size=len(mem),
-                num_classes=self.data.train.num_classes,
-                full_memory_size=len(self.memory_set) if self.monitor_is_subset else None,
-            )
-        }
-        if ev.label_free:
-            prot["label_free"] = evaluate.protocol(ev, "label_free")
-        if self.cfg.eval.linear_probe:
-            prot["linear_probe"] = evaluate.protocol(self.cfg.eval, "probe")
-        (self.run_dir / "protocol.json").write_text(json.dumps(prot, indent=2))
 
     def _log_epoch(self, metrics: dict[str, float]) -> None:
         self.history.append(metrics)
         if self.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            append_metrics(self.place.dir, metrics)
 
     def train_epoch(self) -> dict[str, float]:
         """One pass over the training set; returns the epoch's mean metrics."""
@@ -509,7 +297,7 @@ class Trainer:
         bar = tqdm(
             total=self.steps_per_epoch,
             desc=f"epoch {self.epoch + 1}/{t.epochs}",
-            disable=not (t.progress and self.is_main),
+            disable=not (self.place.progress and self.is_main),
             leave=False,
             file=sys.stderr,
             dynamic_ncols=True,
@@ -560,7 +348,7 @@ class Trainer:
         Returns:
             The method's metrics (detached scalar tensors, on the device: no host sync).
         """
-        return self.model_step(self._views(images), labels, idx)
+        return self.model_step(self.views(images), labels, idx)
 
     def model_step(
         self, views: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor
@@ -600,57 +388,35 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> TrainResult:
         """Train for ``train.epochs`` epochs (continuing from a checkpoint if ``resume``)."""
-        cfg, t = self.cfg, self.cfg.train
+        cfg, t, run_dir = self.cfg, self.cfg.train, self.place.dir
         resumed = self.resume() if resume else False
         if resumed and self.is_main:
-            # what the interrupted attempt said (and printed), each at its epoch
-            for end in range(1, len(self.history) + 1):
-                last = self.history[end - 1].get("epoch") == t.epochs
-                evaluate.update_diagnoses(
-                    self.history[:end],
-                    self.diagnoses,
-                    final=last,
-                    grace=evaluate.grace_epochs(t.epochs),
-                )
+            self.monitor.recall_diagnoses(self.history, t.epochs)  # printed by that attempt
         if self.is_main:
-            self._write_run_files()
-        if self.is_main:
+            write_run_files(run_dir, cfg, self.monitor.protocol())
             # the file holds exactly the checkpoint's history: epochs trained after the last
             # checkpoint by an interrupted attempt are trained again, not listed twice
-            lines = "".join(json.dumps(h) + "\n" for h in self.history) if resumed else ""
-            (self.run_dir / "metrics.jsonl").write_text(lines)
-        if not resumed and cfg.eval.knn_every > 0 and cfg.eval.knn_at_init and self.is_main:
-            t0 = time.perf_counter()
-            init = {"epoch": 0, **self.evaluate_knn()}
-            init["eval_time_s"] = time.perf_counter() - t0
-            self._log_epoch(init)
+            write_metrics(run_dir, self.history if resumed else [])
+        init = self.monitor.measure(0, t.epochs) if not resumed and self.is_main else {}
+        if init:
+            self._log_epoch({"epoch": 0, **init})
             self._say(f"epoch 0 (random init): {_monitor_text(init)}")
         while self.epoch < t.epochs:
             metrics: dict[str, float] = {"epoch": self.epoch + 1}
             metrics.update(self.train_epoch())
             self.epoch += 1
             # evaluation runs on rank 0 only; it needs no collective, so the others go on
-            if (
-                self.is_main
-                and cfg.eval.knn_every
-                and (self.epoch % cfg.eval.knn_every == 0 or self.epoch == t.epochs)
-            ):
-                t0 = time.perf_counter()
-                metrics.update(self.evaluate_knn())
-                metrics["eval_time_s"] = time.perf_counter() - t0
-                if self.epoch == t.epochs and self.monitor_is_subset and cfg.eval.knn_full_at_end:
-                    metrics.update(self.evaluate_knn(full=True))
-            if self.is_main and self.epoch == t.epochs and cfg.eval.linear_probe:
-                metrics.update(self.evaluate_probe())
+            if self.is_main:
+                metrics.update(self.monitor.measure(self.epoch, t.epochs))
             self._log_epoch(metrics)
             ckpt = None
             if self.is_main and (self.epoch % t.checkpoint_every == 0 or self.epoch == t.epochs):
-                ckpt = self.run_dir / "checkpoints" / f"epoch_{self.epoch:04d}.pt"
+                ckpt = checkpoint_path(run_dir, self.epoch)
                 save_checkpoint(ckpt, self.state_dict())
-                _prune_checkpoints(self.run_dir, t.keep_checkpoints)
+                prune_checkpoints(run_dir, t.keep_checkpoints)
             self._say(_epoch_line(metrics, t.epochs))
             if self.is_main:
-                self._diagnose()
+                self.monitor.report_diagnoses(self.history, t.epochs, self.place.progress)
             for hook in self.hooks:
                 hook(self.epoch, metrics, ckpt)
         final = dict(self.history[-1]) if self.history else {}
@@ -662,29 +428,15 @@ class Trainer:
         if self.is_main:
             summary = {
                 "final": final,
-                "protocol": json.loads((self.run_dir / "protocol.json").read_text()),
-                "diagnosis": self.diagnoses,
+                "protocol": self.monitor.protocol(),
+                "diagnosis": self.monitor.diagnoses,
             }
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        return TrainResult(self.run_dir, self.history, final, self.method)
+            write_summary(run_dir, summary)
+        return TrainResult(run_dir, self.history, final, self.method)
 
     def _say(self, text: str) -> None:
-        if self.is_main and self.cfg.train.progress:
+        if self.is_main and self.place.progress:
             tqdm.write(text, file=sys.stderr)
-
-    def _diagnose(self) -> None:
-        """Record each new kind of :func:`evaluate.diagnose` message once (``summary.json``)
-        and print it: through tqdm with progress bars, else as a :class:`RuntimeWarning` on
-        stderr, so that it reaches the user either way."""
-        final = self.epoch == self.cfg.train.epochs
-        grace = evaluate.grace_epochs(self.cfg.train.epochs)
-        for d in evaluate.update_diagnoses(self.history, self.diagnoses, final, grace):
-            if self.cfg.train.progress:
-                tqdm.write(f"contrastlab diagnosis: {d['message']}", file=sys.stderr)
-            else:
-                warnings.warn(
-                    f"contrastlab diagnosis: {d['message']}", RuntimeWarning, stacklevel=2
-                )
 
 
 def _stream_seed(seed: int, epoch: int, stream: int, worker: int) -> int:
@@ -720,10 +472,11 @@ def _epoch_line(m: dict[str, float], epochs: int) -> str:
 
 def train(
     cfg: Config,
-    run_dir: str | Path | None = None,
+    place: RunPlace | None = None,
     resume: bool = False,
     hooks: Sequence[Hook] = (),
     data: DatasetSplits | None = None,
 ) -> TrainResult:
-    """Train ``cfg``; the single entry point used locally, by Ray Train workers and by Tune."""
-    return Trainer(cfg, run_dir, hooks, data).fit(resume=resume)
+    """Train ``cfg``, writing to ``place`` (see :class:`Trainer`); the single entry point used
+    locally, by Ray Train workers and by Tune."""
+    return Trainer(cfg, place, hooks, data).fit(resume=resume)

@@ -31,8 +31,9 @@ import torch
 import yaml
 
 from contrastlab import tracking
-from contrastlab.config import Config, ConfigError, make_config
+from contrastlab.config import Config, ConfigError, make_config, saved_config
 from contrastlab.distributed import exit_spawned_worker
+from contrastlab.rundir import RunPlace, read_metrics
 
 COMPARED = ("loss", "knn_top1", "knn_top5")
 THREADS_TAG = tracking.THREADS_TAG
@@ -110,7 +111,8 @@ def best_run(uri: str, name: str) -> str:
 
 
 def fetch_config(uri: str, run_id: str) -> Config:
-    """The resolved config a trial ran with (its ``config.yaml`` artifact)."""
+    """The resolved config a trial ran with (its ``config.yaml`` artifact; one logged by an
+    earlier version loads too, see :func:`~contrastlab.config.saved_config`)."""
     c = tracking.client(uri)
     try:
         c.get_run(run_id)
@@ -123,7 +125,7 @@ def fetch_config(uri: str, run_id: str) -> Config:
             raise ConfigError(
                 f"run {run_id} has no config.yaml artifact (not a contrastlab trial?): {e}"
             ) from None
-        return make_config(yaml.safe_load(Path(path).read_text()))
+        return saved_config(Path(path).read_text())
 
 
 def code_differences(uri: str, run_id: str) -> list[str]:
@@ -160,7 +162,7 @@ def code_differences(uri: str, run_id: str) -> list[str]:
 
 
 def _ddp_worker(
-    rank: int, world: int, rendezvous: str, cfg_yaml: str, run_dir: str, stop: int, threads: int
+    rank: int, world: int, rendezvous: str, cfg_yaml: str, place: RunPlace, stop: int, threads: int
 ):
     import torch.distributed as dist
 
@@ -173,7 +175,7 @@ def _ddp_worker(
     dist.init_process_group(backend, init_method=rendezvous, rank=rank, world_size=world)
     try:
         cfg = make_config(yaml.safe_load(cfg_yaml))
-        train(cfg, run_dir=run_dir, hooks=[_stop_hook(stop)])
+        train(cfg, place, hooks=[_stop_hook(stop)])
     except _StopAfterError:
         pass
     except BaseException:
@@ -190,20 +192,15 @@ def _stop_hook(stop: int):
     return hook
 
 
-def _history(run_dir: Path) -> list[dict[str, float]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def _run_locally(local_cfg: Config, run_dir: Path, stop: int, workers: int, threads: int):
-    """Train ``local_cfg`` in this process (with ``threads`` CPU threads) or in ``workers``
-    local DDP processes, stopping after ``stop`` epochs."""
+def _run_locally(cfg: Config, place: RunPlace, stop: int, workers: int, threads: int):
+    """Train ``cfg`` into ``place`` in this process (with ``threads`` CPU threads) or in
+    ``workers`` local DDP processes, stopping after ``stop`` epochs."""
     if workers == 1:
         torch.set_num_threads(threads)
         from contrastlab.train import train
 
         with contextlib.suppress(_StopAfterError):
-            train(local_cfg, run_dir=run_dir, hooks=[_stop_hook(stop)])
+            train(cfg, place, hooks=[_stop_hook(stop)])
     else:
         import torch.multiprocessing as mp
 
@@ -213,8 +210,8 @@ def _run_locally(local_cfg: Config, run_dir: Path, stop: int, workers: int, thre
                 args=(
                     workers,
                     f"file://{d}/rendezvous",
-                    local_cfg.to_yaml(),
-                    str(run_dir),
+                    cfg.to_yaml(),
+                    place,
                     stop,
                     threads,
                 ),
@@ -276,20 +273,17 @@ def reproduce(
         )
     threads = int(original.data.tags.get(THREADS_TAG, torch.get_num_threads()))
     caller_threads = torch.get_num_threads()  # restored below: the caller's numerics are its own
-    raw = cfg.to_dict()
     name = f"{run_id[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
-    raw["train"].update(output_dir=str(output_dir), run_name=name, progress=sys.stderr.isatty())
-    local_cfg = make_config(raw)
-    run_dir = Path(output_dir) / name
+    place = RunPlace(Path(output_dir) / name, progress=sys.stderr.isatty())
     on_cpu = not torch.cuda.is_available() or cfg.train.device == "cpu"
 
     started = time.perf_counter()
     try:
-        _run_locally(local_cfg, run_dir, stop, workers, threads)
+        _run_locally(cfg, place, stop, workers, threads)
     finally:
         torch.set_num_threads(caller_threads)
     wall = time.perf_counter() - started
-    history = _history(run_dir)
+    history = read_metrics(place.dir)
 
     tol = {} if on_cpu else (gpu_tolerance or GPU_TOLERANCE)
     rows, ok = [], True
@@ -317,10 +311,10 @@ def reproduce(
         ok = False
         notes.append("no metric of the original run could be compared")
     exact = all(r["diff"] == 0 for r in rows) and bool(rows)
-    rep = Reproduction(run_id, run_dir, rows, ok, exact, notes)
+    rep = Reproduction(run_id, place.dir, rows, ok, exact, notes)
 
     if log_to_mlflow:
-        rep.mlflow_run_id = _log(uri, original, local_cfg, history, rep, workers, wall)
+        rep.mlflow_run_id = _log(uri, original, cfg, history, rep, workers, wall)
     rep.text = _text(rep, original, on_cpu, tol, wall, workers)
     return rep
 
@@ -341,7 +335,7 @@ def _log(uri, original, cfg: Config, history, rep: Reproduction, workers: int, w
         },
     )
     rid = run.info.run_id
-    tracking.log_params(uri, rid, cfg.tracked_params())
+    tracking.log_params(uri, rid, cfg.flat())
     for h in history:
         tracking.log_metrics(uri, rid, h, step=int(h["epoch"]))
     c.log_text(rid, cfg.to_yaml(), "config.yaml")

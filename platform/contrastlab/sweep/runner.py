@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from contrastlab import tracking
-from contrastlab.config import ConfigError, make_config
+from contrastlab.config import ConfigError
 from contrastlab.sweep.space import SearchSpace, load_space
 from contrastlab.sweep.spec import SweepOptions, SweepSpec, smoke_base, smoke_fixed
 
@@ -94,13 +94,6 @@ def smoke_space(space: SearchSpace, trials: int = 3, epochs: int = 2) -> SearchS
 # --------------------------------------------------------------------------- inside a trial
 
 
-def _trial_config(settings: SweepSettings, params: dict[str, Any], run_dir: Path):
-    cfg = settings.space.config_for(params)
-    raw = cfg.to_dict()
-    raw["train"].update(progress=False, output_dir=str(run_dir.parent), run_name=run_dir.name)
-    return make_config(raw)
-
-
 def _restore_checkpoint(ckpt: Any, run_dir: Path) -> int | None:
     """Copy a Ray checkpoint's epoch file into ``run_dir/checkpoints``; its epoch (None: there
     was no checkpoint).
@@ -117,7 +110,7 @@ def _restore_checkpoint(ckpt: Any, run_dir: Path) -> int | None:
             return None
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         shutil.copy2(files[-1], run_dir / "checkpoints" / files[-1].name)
-    from contrastlab.train import checkpoint_epoch
+    from contrastlab.rundir import checkpoint_epoch
 
     return checkpoint_epoch(files[-1])
 
@@ -205,7 +198,9 @@ def _train_trial(
     checkpoint_cls,
     is_main: bool,
 ) -> None:
-    """Restore, open the MLflow run (rank 0), train with the reporting hook, record failure."""
+    """Restore, open the MLflow run (rank 0), train in ``run_dir`` (no progress output) with
+    the reporting hook, record failure."""
+    from contrastlab.rundir import RunPlace
     from contrastlab.train import train
 
     start = _restore_checkpoint(ckpt, run_dir)
@@ -220,7 +215,7 @@ def _train_trial(
     hook = _report_hook(report_fn, checkpoint_cls, run, is_main, cfg.train.epochs, run_dir)
     try:
         with tracking.failed_on_error(run):
-            train(cfg, run_dir=run_dir, resume=resumed, hooks=[hook])
+            train(cfg, RunPlace(run_dir), resume=resumed, hooks=[hook])
     finally:
         _release_memory()
 
@@ -259,11 +254,9 @@ def trial_direct(params: dict[str, Any], settings: SweepSettings) -> None:
     from ray import tune
 
     ctx = tune.get_context()
-    run_dir = trial_run_dir(settings, ctx.get_trial_dir())
-    cfg = _trial_config(settings, params, run_dir)
     _train_trial(
-        cfg,
-        run_dir,
+        settings.space.config_for(params),
+        trial_run_dir(settings, ctx.get_trial_dir()),
         tune.get_checkpoint(),
         settings,
         ctx.get_trial_id(),
@@ -283,12 +276,10 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     settings: SweepSettings = loop_config["settings"]
     trial_id = loop_config["trial_id"]
     rank_dir = f"rank{ray.train.get_context().get_world_rank()}"
-    run_dir = Path(tempfile.gettempdir()) / "contrastlab" / trial_id / rank_dir
-    cfg = _trial_config(settings, loop_config["params"], run_dir)
     # ranks > 0 write no checkpoint (Trainer) and report metrics only
     _train_trial(
-        cfg,
-        run_dir,
+        settings.space.config_for(loop_config["params"]),
+        Path(tempfile.gettempdir()) / "contrastlab" / trial_id / rank_dir,
         ray.train.get_checkpoint(),
         settings,
         trial_id,
