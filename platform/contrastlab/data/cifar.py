@@ -217,6 +217,13 @@ def read_cifar(
     return np.concatenate(xs), np.concatenate(ys), _class_names(base, spec)
 
 
+def cifar_files(dataset: str, root: str | Path) -> list[Path]:
+    """The batch files the loader reads for ``dataset`` under ``root`` (checked to exist)."""
+    spec = _SPECS[dataset]
+    base = _locate(spec, root)
+    return [base / f for f in spec.train_files + spec.test_files]
+
+
 def _locate(spec: _CifarSpec, root_path: str | Path) -> Path:
     """The folder holding the batch files; every one of them must be there."""
     root = require_dir(root_path, f"{spec.title} root")

@@ -28,7 +28,7 @@ STL10_CLASSES = (
     "airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck",
 )  # fmt: skip
 _SIDE = 96
-_IMAGE_BYTES = 3 * _SIDE * _SIDE
+_IMAGE_BYTES = STL10_IMAGE_BYTES = 3 * _SIDE * _SIDE
 
 
 def _open_images(path: Path) -> torch.Tensor:
@@ -114,6 +114,13 @@ def _locate(root_path: str | Path, unlabeled: bool) -> Path:
                 f"stl10_binary/ with {', '.join(names)}{hint})"
             )
     return base
+
+
+def stl10_files(root: str | Path, unlabeled: bool) -> list[Path]:
+    """The binaries the loader reads (checked to exist), image files before label files."""
+    base = _locate(root, unlabeled)
+    names = ["train_X.bin", "test_X.bin"] + (["unlabeled_X.bin"] if unlabeled else [])
+    return [base / n for n in [*names, "train_y.bin", "test_y.bin"]]
 
 
 def read_stl10(root: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
