@@ -106,8 +106,6 @@ class S3Store:
 @pytest.fixture(scope="module")
 def s3_store():
     """Module-wide moto S3 server; AWS_* variables point this process's pyarrow at it."""
-    import os
-
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -120,14 +118,10 @@ def s3_store():
         "AWS_ENDPOINT_URL": f"http://{host}:{port}",
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        yield S3Store(env["AWS_ENDPOINT_URL"])
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            yield S3Store(env["AWS_ENDPOINT_URL"])
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()

@@ -29,26 +29,28 @@ def assert_same(a: DatasetSplits, b: DatasetSplits) -> None:
         assert [getattr(x, k) for k in meta] == [getattr(y, k) for k in meta]
 
 
+def load_both(s3_store, cfg: DataConfig, root: Path, test_root: Path, bucket: str):
+    """``(remote, local)`` splits of ``cfg`` with ``root`` and ``test_root`` as they are and
+    uploaded to ``s3://bucket/data/<name>``; sets ``cfg``'s roots to the local ones."""
+    uri = s3_store.bucket(bucket)
+    local = {"root": str(root), "test_root": str(test_root)}
+    remote = {k: s3_store.upload(v, f"{uri}/data/{Path(v).name}") for k, v in local.items()}
+    got = load_dataset(cfg.model_copy(update=remote))
+    return got, load_dataset(cfg.model_copy(update=local))
+
+
 def test_parquet_from_s3_equals_local(tmp_path: Path, s3_store) -> None:
     make_parquet(tmp_path / "train")
     make_parquet(tmp_path / "test", n_per_shard=3, seed=6)
-    bucket = s3_store.bucket("shards")
-    train = s3_store.upload(tmp_path / "train", f"{bucket}/cifar/train")
-    test = s3_store.upload(tmp_path / "test", f"{bucket}/cifar/test")
-    local = DataConfig(
-        dataset="parquet",
-        root=str(tmp_path / "train"),
-        test_root=str(tmp_path / "test"),
-        image_size=8,
-    )
-    remote = local.model_copy(update={"root": train, "test_root": test})
-    got, want = load_dataset(remote), load_dataset(local)
+    local = DataConfig(dataset="parquet", image_size=8)
+    got, want = load_both(s3_store, local, tmp_path / "train", tmp_path / "test", "shards")
     assert len(got.train) == 24 and len(got.test) == 6
     assert_same(got, want)
     assert got.train.name == "parquet:train/train"
     # a stratified split of root (no test_root) picks the same rows
-    split = local.model_copy(update={"test_root": None})
-    assert_same(load_dataset(split.model_copy(update={"root": train})), load_dataset(split))
+    split = local.model_copy(update={"root": str(tmp_path / "train")})
+    remote = split.model_copy(update={"root": "s3://shards/data/train"})
+    assert_same(load_dataset(remote), load_dataset(split))
 
 
 def test_image_folder_from_s3_equals_local(tmp_path: Path, s3_store) -> None:
@@ -61,21 +63,13 @@ def test_image_folder_from_s3_equals_local(tmp_path: Path, s3_store) -> None:
         Image.fromarray(img).save(tmp_path / "train" / "cat" / name)
     (tmp_path / "train" / "cat" / ".hidden.png").write_bytes(b"not read")
     write_folder(tmp_path / "val", per_class=2, seed=4)
-    bucket = s3_store.bucket("folders")
-    train = s3_store.upload(tmp_path / "train", f"{bucket}/imgs/train")
-    val = s3_store.upload(tmp_path / "val", f"{bucket}/imgs/val")
-    local = DataConfig(
-        dataset="imagefolder",
-        root=str(tmp_path / "train"),
-        test_root=str(tmp_path / "val"),
-        image_size=12,
-    )
-    got = load_dataset(local.model_copy(update={"root": train, "test_root": val}))
-    want = load_dataset(local)
+    local = DataConfig(dataset="imagefolder", image_size=12)
+    got, want = load_both(s3_store, local, tmp_path / "train", tmp_path / "val", "folders")
     assert got.train.classes == ("ant", "cat", "dog") and len(got.train) == 27
     assert_same(got, want)
-    split = local.model_copy(update={"test_root": None, "max_train_samples": 11})
-    assert_same(load_dataset(split.model_copy(update={"root": train})), load_dataset(split))
+    split = local.model_copy(update={"root": str(tmp_path / "train"), "max_train_samples": 11})
+    remote = split.model_copy(update={"root": "s3://folders/data/train"})
+    assert_same(load_dataset(remote), load_dataset(split))
 
 
 def test_fs_helpers_roundtrip(s3_store) -> None:
