@@ -52,3 +52,76 @@ def ray_local():
     )
     yield
     ray.shutdown()
+
+
+class S3Store:
+    """A real S3-compatible server (moto's) on 127.0.0.1, with the environment pointing at it."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+
+    def filesystem(self):
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(
+            access_key="testing",
+            secret_key="testing",
+            endpoint_override=self.endpoint,
+            scheme="http",
+            region="us-east-1",
+            allow_bucket_creation=True,
+        )
+
+    def bucket(self, name: str) -> str:
+        """Create bucket ``name``; returns ``s3://name``."""
+        self.filesystem().create_dir(name)
+        return f"s3://{name}"
+
+    def upload(self, local_dir, uri: str) -> str:
+        """Copy the tree ``local_dir`` to ``uri`` (``s3://bucket/prefix``); returns ``uri``."""
+        import pyarrow.fs as pafs
+
+        pafs.copy_files(
+            str(local_dir),
+            uri[len("s3://") :],
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=self.filesystem(),
+        )
+        return uri
+
+    def require_auth(self, on: bool) -> None:
+        """Make the server check every request's access key against its (empty) IAM users."""
+        import urllib.request
+
+        req = urllib.request.Request(
+            f"{self.endpoint}/moto-api/reset-auth",
+            data=b"0" if on else b"inf",
+            method="POST",
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            r.read()
+
+
+@pytest.fixture(scope="module")
+def s3_store():
+    """Module-wide moto S3 server; AWS_* variables point this process's pyarrow at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            yield S3Store(env["AWS_ENDPOINT_URL"])
+    finally:
+        server.stop()

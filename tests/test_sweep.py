@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from contrastlab import tracking
+from contrastlab.config import DataConfig
+from contrastlab.data.lineage import data_sources
 from contrastlab.sweep.reproduce import reproduce
 from contrastlab.sweep.runner import run_sweep, smoke_space
 from contrastlab.sweep.space import load_space
@@ -41,8 +43,12 @@ def test_smoke_sweep_lands_in_mlflow(tmp_path, ray_local):
     statuses = {r.info.status for r in children}
     assert statuses <= {"FINISHED", "KILLED"}, statuses  # none left RUNNING
     searched = [p.path for p in space.params]
+    (digits,) = data_sources(DataConfig())  # the smoke sweep's data
     for run in children:
         assert run.data.params["method.name"] == "simclr"
+        (data,) = c.get_run(run.info.run_id).inputs.dataset_inputs  # lineage, once per run
+        assert (data.dataset.name, data.dataset.digest) == ("digits", digits.digest)
+        assert [(t.key, t.value) for t in data.tags] == [("mlflow.data.context", "training")]
         for path in searched:  # every searched value is a param of its child run
             assert path in run.data.params
         hist = c.get_metric_history(run.info.run_id, "knn_top1")

@@ -8,6 +8,7 @@ contrastlab sweep --space SPACE.yaml [--smoke-test]     Ray Tune + Optuna sweep,
 contrastlab ablate --spec SPEC.yaml [--smoke-test]      grid of cells x seeds, tables + plots
 contrastlab report SWEEP                                leaderboard, Optuna plots, summary
 contrastlab reproduce --run-id ID | --best-of NAME      re-run a tracked trial locally
+contrastlab prepare-data SRC DST [--resize N]           dataset tree -> parquet shards
 """
 
 from __future__ import annotations
@@ -258,6 +259,27 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0 if rep.ok else 3
 
 
+def _cmd_prepare_data(args: argparse.Namespace) -> int:
+    from contrastlab.data.prepare import prepare_data
+
+    done = prepare_data(
+        args.src,
+        args.dst,
+        format=args.format,
+        split=args.split,
+        rows_per_shard=args.rows_per_shard,
+        shard_mb=args.shard_mb,
+        resize=args.resize,
+        progress=args.progress,
+    )
+    print(
+        f"wrote {done.rows} {done.format} images in {len(done.shards)} shard(s) to {args.dst} "
+        f"({len(done.classes)} classes); train on them with --set data.dataset=parquet "
+        f"--set data.root={args.dst}"
+    )
+    return 0
+
+
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``sweep`` and ``ablate``: base overrides, storage, MLflow, runner,
     restarts."""
@@ -394,6 +416,29 @@ def main(argv: list[str] | None = None) -> int:
     p_pr.add_argument("--epochs", type=int, help="compare only the first N epochs (quick check)")
     p_pr.add_argument("--no-log", action="store_true", help="do not log the reproduction to MLflow")
     p_pr.set_defaults(func=_cmd_reproduce)
+    p_pd = sub.add_parser(
+        "prepare-data",
+        help="convert an image folder, CIFAR-10/100 or STL-10 tree into parquet shards",
+    )
+    p_pd.add_argument("src", help="source folder (ImageFolder, CIFAR python, STL-10 binary)")
+    p_pd.add_argument("dst", help="output folder or URI (s3://bucket/prefix); must hold no shard")
+    p_pd.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "imagefolder", "cifar10", "cifar100", "stl10"],
+        help="source format (default: recognised from the files)",
+    )
+    p_pd.add_argument(
+        "--split", help="CIFAR: train|test; STL-10: train|test|unlabeled (default train)"
+    )
+    size = p_pd.add_mutually_exclusive_group()
+    size.add_argument("--rows-per-shard", type=int, help="images per shard (default 10000)")
+    size.add_argument("--shard-mb", type=float, help="instead: encoded MiB per shard")
+    p_pd.add_argument("--resize", type=int, metavar="N", help="re-encode as N x N PNGs")
+    p_pd.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
+    )
+    p_pd.set_defaults(func=_cmd_prepare_data)
     args = parser.parse_args(argv)
     from contrastlab.data import DataError
     from contrastlab.rundir import CheckpointError

@@ -473,7 +473,27 @@ def open_run(
     )
     if run.created:
         run.log_text(cfg.to_yaml(), "config.yaml")
+        log_data_inputs(uri, run.run_id, cfg.data)
     return run
+
+
+def log_data_inputs(uri: str, run_id: str, data_cfg: Any) -> None:
+    """Record the run's datasets (source, digest, rows; training / evaluation) as MLflow
+    dataset inputs: see :mod:`contrastlab.data.lineage` for what the digest covers."""
+    from contrastlab.data.lineage import data_sources, mlflow_inputs
+
+    client(uri).log_inputs(run_id, datasets=mlflow_inputs(data_sources(data_cfg)))
+
+
+def data_digests(run: Any) -> dict[str, tuple[str, str]]:
+    """``{context: (source, digest)}`` of the dataset inputs an MLflow run carries."""
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    out = {}
+    for di in run.inputs.dataset_inputs if run.inputs else []:
+        context = next((t.value for t in di.tags if t.key == MLFLOW_DATASET_CONTEXT), "")
+        out[context] = (json.loads(di.dataset.source).get("uri", "?"), di.dataset.digest)
+    return out
 
 
 def _rows_before(run_dir: Path, epoch: int) -> list[dict[str, float]]:

@@ -183,7 +183,50 @@ def load_cifar(cfg: DataConfig) -> DatasetSplits:
     spec = _SPECS[cfg.dataset]
     if cfg.root is None:
         raise DataError(f"data.root is required for {spec.title}")
-    root = require_dir(cfg.root, f"{spec.title} root")
+    base = _locate(spec, cfg.root)
+    s = cfg.image_size
+    train = _read_split(base, spec.train_files, spec, s, f"{spec.title} train")
+    test = _read_split(base, spec.test_files, spec, s, f"{spec.title} test")
+    return build_splits(
+        cfg,
+        name=cfg.dataset,
+        train=train,
+        test=test,
+        num_classes=spec.num_classes,
+        classes=_class_names(base, spec),
+    )
+
+
+def read_cifar(
+    dataset: str, root: str | Path, split: str
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """One official split as stored, without resizing (``contrastlab prepare-data``).
+
+    Args:
+        dataset: ``"cifar10"`` or ``"cifar100"``.
+        root: the extracted folder, or a folder containing it.
+        split: ``"train"`` or ``"test"``.
+
+    Returns:
+        ``(uint8 [N, 3, 32, 32], int64 [N], class names)``.
+    """
+    spec = _SPECS[dataset]
+    base = _locate(spec, root)
+    files = {"train": spec.train_files, "test": spec.test_files}[split]
+    xs, ys = zip(*(_read_batch(base / f, spec) for f in files), strict=True)
+    return np.concatenate(xs), np.concatenate(ys), _class_names(base, spec)
+
+
+def cifar_files(dataset: str, root: str | Path) -> list[Path]:
+    """The batch files the loader reads for ``dataset`` under ``root`` (checked to exist)."""
+    spec = _SPECS[dataset]
+    base = _locate(spec, root)
+    return [base / f for f in spec.train_files + spec.test_files]
+
+
+def _locate(spec: _CifarSpec, root_path: str | Path) -> Path:
+    """The folder holding the batch files; every one of them must be there."""
+    root = require_dir(root_path, f"{spec.title} root")
     base = root / spec.folder if (root / spec.folder).is_dir() else root
     for name in spec.train_files + spec.test_files:
         path = base / name
@@ -196,14 +239,4 @@ def load_cifar(cfg: DataConfig) -> DatasetSplits:
                 f"version: {spec.folder}/ with {', '.join(spec.train_files + spec.test_files)}"
                 f"{hint})"
             )
-    s = cfg.image_size
-    train = _read_split(base, spec.train_files, spec, s, f"{spec.title} train")
-    test = _read_split(base, spec.test_files, spec, s, f"{spec.title} test")
-    return build_splits(
-        cfg,
-        name=cfg.dataset,
-        train=train,
-        test=test,
-        num_classes=spec.num_classes,
-        classes=_class_names(base, spec),
-    )
+    return base

@@ -18,23 +18,27 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePosixPath
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
 from ..config import DataConfig
 from .core import DataError, DatasetSplits, build_splits, parallel_map, plan_rows
 from .decode import decode_image
+from .fs import Location, file_info, list_files, not_found, open_fs, storage_error
 
 REQUIRED_COLUMNS = ("image", "label")
 
 
 @dataclass(frozen=True)
 class _Shard:
-    path: Path
+    loc: Location  # the filesystem the shard is on
+    path: str  # its path there
+    name: str  # how messages name it: the local path or the URI
     labels: np.ndarray  # int64 [rows], -1 for unlabeled
     struct_image: bool  # image column is struct<bytes, ...> rather than plain binary
 
@@ -49,13 +53,14 @@ def _is_binary(t: pa.DataType) -> bool:
     )
 
 
-def _open_shard(path: Path) -> _Shard:
+def _open_shard(loc: Location, file: str) -> _Shard:
     """Check a shard's schema and read its labels."""
+    path = loc.name(file)
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(file, filesystem=loc.fs)
         schema = pf.schema_arrow
     except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+        raise storage_error(path, e, "not a readable parquet file") from None
     found = schema.names
     missing = [c for c in REQUIRED_COLUMNS if c not in found]
     if missing:
@@ -81,7 +86,7 @@ def _open_shard(path: Path) -> _Shard:
     try:
         col = pf.read(columns=["label"]).column("label")
     except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{path}: cannot read column 'label' ({e})") from None
+        raise storage_error(path, e, "cannot read column 'label'") from None
     labels = col.fill_null(-1).to_numpy().astype(np.int64)
     bad = np.flatnonzero(labels < -1)
     if bad.size:
@@ -89,17 +94,29 @@ def _open_shard(path: Path) -> _Shard:
             f"{path}: row {bad[0]}: label {labels[bad[0]]} is negative "
             f"(labels are 0..K-1, or -1 / null for unlabeled)"
         )
-    return _Shard(path, labels, struct_image)
+    return _Shard(loc, file, path, labels, struct_image)
+
+
+def shard_files(directory: str, what: str) -> tuple[Location, list[pafs.FileInfo]]:
+    """The shards of ``directory`` (a local path or URI; or one ``.parquet`` file), sorted.
+
+    Lists only: no shard is opened. Errors name ``directory``: not found, unreachable store,
+    refused credentials, missing bucket.
+    """
+    loc = open_fs(directory)
+    info = file_info(loc)
+    if info.type == pafs.FileType.NotFound:
+        raise not_found(loc, what)
+    if info.type == pafs.FileType.File:
+        return loc, [info]
+    return loc, [i for i in list_files(loc, recursive=False) if i.base_name.endswith(".parquet")]
 
 
 def _scan(directory: str, what: str) -> list[_Shard]:
-    p = Path(directory).expanduser()
-    if not p.exists():
-        raise DataError(f"{what} not found: {p} does not exist")
-    paths = [p] if p.is_file() else sorted(p.glob("*.parquet"))
-    if not paths:
-        raise DataError(f"{p}: no *.parquet files found in this directory ({what})")
-    return [_open_shard(path) for path in paths]
+    loc, files = shard_files(directory, what)
+    if not files:
+        raise DataError(f"{loc.name()}: no *.parquet files found in this directory ({what})")
+    return [_open_shard(loc, f.path) for f in files]
 
 
 def _image_bytes(shard: _Shard, rows: np.ndarray) -> Iterator[tuple[bytes, str]]:
@@ -107,14 +124,14 @@ def _image_bytes(shard: _Shard, rows: np.ndarray) -> Iterator[tuple[bytes, str]]
     if rows.size == 0:
         return
     try:
-        col = pq.read_table(shard.path, columns=["image"]).column("image")
+        col = pq.read_table(shard.path, columns=["image"], filesystem=shard.loc.fs).column("image")
     except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{shard.path}: cannot read column 'image' ({e})") from None
+        raise storage_error(shard.name, e, "cannot read column 'image'") from None
     col = col.take(pa.array(rows))
     if shard.struct_image:
         col = pa.chunked_array([c.field("bytes") for c in col.chunks], col.type.field("bytes").type)
     for row, data in zip(rows.tolist(), col.to_pylist(), strict=True):
-        where = f"{shard.path}: row {row}"
+        where = f"{shard.name}: row {row}"
         if data is None:
             raise DataError(f"{where}: image bytes are null")
         yield data, where
@@ -177,7 +194,7 @@ def load_parquet(cfg: DataConfig) -> DatasetSplits:
     )
     return build_splits(
         cfg,
-        name=f"parquet:{Path(cfg.root).name}",
+        name=f"parquet:{PurePosixPath(cfg.root.rstrip('/')).name}",
         train=train,
         test=test,
         num_classes=int(all_labels.max()) + 1,

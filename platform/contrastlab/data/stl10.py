@@ -28,7 +28,7 @@ STL10_CLASSES = (
     "airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck",
 )  # fmt: skip
 _SIDE = 96
-_IMAGE_BYTES = 3 * _SIDE * _SIDE
+_IMAGE_BYTES = STL10_IMAGE_BYTES = 3 * _SIDE * _SIDE
 
 
 def _open_images(path: Path) -> torch.Tensor:
@@ -72,20 +72,7 @@ def load_stl10(cfg: DataConfig) -> DatasetSplits:
     """
     if cfg.root is None:
         raise DataError("data.root is required for STL-10")
-    root = require_dir(cfg.root, "STL-10 root")
-    base = root / "stl10_binary" if (root / "stl10_binary").is_dir() else root
-    names = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"]
-    if cfg.unlabeled:
-        names.append("unlabeled_X.bin")
-    for name in names:
-        if not (base / name).is_file():
-            hint = ""
-            if (root / "stl10_binary.tar.gz").is_file():
-                hint = f"; found {root / 'stl10_binary.tar.gz'}: extract it with tar -xzf"
-            raise DataError(
-                f"STL-10 file not found: {base / name} (expected the official binary format: "
-                f"stl10_binary/ with {', '.join(names)}{hint})"
-            )
+    base = _locate(cfg.root, cfg.unlabeled)
     s = cfg.image_size
     train_raw = _open_images(base / "train_X.bin")
     y_train = _read_labels(base / "train_y.bin", len(train_raw))
@@ -108,3 +95,46 @@ def load_stl10(cfg: DataConfig) -> DatasetSplits:
         num_classes=10,
         classes=STL10_CLASSES,
     )
+
+
+def _locate(root_path: str | Path, unlabeled: bool) -> Path:
+    """The folder holding the binaries; every one needed must be there."""
+    root = require_dir(root_path, "STL-10 root")
+    base = root / "stl10_binary" if (root / "stl10_binary").is_dir() else root
+    names = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"]
+    if unlabeled:
+        names.append("unlabeled_X.bin")
+    for name in names:
+        if not (base / name).is_file():
+            hint = ""
+            if (root / "stl10_binary.tar.gz").is_file():
+                hint = f"; found {root / 'stl10_binary.tar.gz'}: extract it with tar -xzf"
+            raise DataError(
+                f"STL-10 file not found: {base / name} (expected the official binary format: "
+                f"stl10_binary/ with {', '.join(names)}{hint})"
+            )
+    return base
+
+
+def stl10_files(root: str | Path, unlabeled: bool) -> list[Path]:
+    """The binaries the loader reads (checked to exist), image files before label files."""
+    base = _locate(root, unlabeled)
+    names = ["train_X.bin", "test_X.bin"] + (["unlabeled_X.bin"] if unlabeled else [])
+    return [base / n for n in [*names, "train_y.bin", "test_y.bin"]]
+
+
+def read_stl10(root: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split as stored, without resizing (``contrastlab prepare-data``).
+
+    Args:
+        root: ``stl10_binary/`` or a folder containing it.
+        split: ``"train"``, ``"test"`` or ``"unlabeled"`` (labels ``-1``).
+
+    Returns:
+        ``(uint8 [N, 3, 96, 96]`` lazy memory-mapped view, ``int64 [N])``.
+    """
+    base = _locate(root, split == "unlabeled")
+    images = _open_images(base / f"{split}_X.bin")
+    if split == "unlabeled":
+        return images, torch.full((len(images),), -1, dtype=torch.int64)
+    return images, _read_labels(base / f"{split}_y.bin", len(images))

@@ -161,6 +161,26 @@ def code_differences(uri: str, run_id: str) -> list[str]:
     return out
 
 
+def data_differences(original: Any, cfg: Config) -> list[str]:
+    """Warnings where the data a reproduction is about to train on differs from the data the
+    original run logged (its MLflow dataset inputs; digests per
+    :mod:`contrastlab.data.lineage`)."""
+    from contrastlab.data.lineage import data_sources
+
+    then = tracking.data_digests(original)
+    if not then:
+        return ["the original run logged no dataset input: its data cannot be compared"]
+    out = []
+    for now in data_sources(cfg.data):
+        source, digest = then.get(now.context, ("?", None))
+        if digest is not None and digest != now.digest:
+            out.append(
+                f"{now.context} data differs: {source} had digest {digest} when the run "
+                f"trained, {now.source} has {now.digest} now (files changed since)"
+            )
+    return out
+
+
 def _ddp_worker(
     rank: int, world: int, rendezvous: str, cfg_yaml: str, place: RunPlace, stop: int, threads: int
 ):
@@ -256,6 +276,7 @@ def reproduce(
     notes = code_differences(uri, run_id)
     c = tracking.client(uri)
     original = c.get_run(run_id)
+    notes += data_differences(original, cfg)
     trial_workers = int(original.data.tags.get("contrastlab.workers", "1"))
     workers = trial_workers if workers is None else workers
     if workers < 1:
@@ -336,6 +357,7 @@ def _log(uri, original, cfg: Config, history, rep: Reproduction, workers: int, w
     )
     rid = run.info.run_id
     tracking.log_params(uri, rid, cfg.flat())
+    tracking.log_data_inputs(uri, rid, cfg.data)
     for h in history:
         tracking.log_metrics(uri, rid, h, step=int(h["epoch"]))
     c.log_text(rid, cfg.to_yaml(), "config.yaml")
@@ -380,4 +402,11 @@ def _text(rep: Reproduction, original, on_cpu: bool, tol, wall: float, workers: 
     return "\n".join(lines)
 
 
-__all__ = ["Reproduction", "best_run", "code_differences", "fetch_config", "reproduce"]
+__all__ = [
+    "Reproduction",
+    "best_run",
+    "code_differences",
+    "data_differences",
+    "fetch_config",
+    "reproduce",
+]
