@@ -86,3 +86,31 @@ def test_train_run_carries_its_data_and_reproduce_warns_when_it_changed(tmp_path
     line = next(w for w in changed.warnings if "data differs" in w)
     assert expected.digest in line and now.digest in line and expected.digest != now.digest
     assert f"warning: {line}" in changed.text
+
+
+def test_a_sweep_with_a_missing_data_root_fails_before_ray_and_mlflow(tmp_path):
+    import ray
+
+    from contrastlab.data import DataError
+    from contrastlab.sweep.runner import run_sweep
+    from contrastlab.sweep.space import space_from_dict
+
+    missing = tmp_path / "no_such_folder"
+    space = space_from_dict(
+        {
+            "method": "simclr",
+            "base": {"data": {"dataset": "imagefolder", "root": str(missing)}},
+            "params": {"method.temperature": {"dist": "uniform", "low": 0.1, "high": 0.5}},
+            "metric": "knn_top1",
+            "mode": "max",
+            "trials": 2,
+            "budget": {"epochs": 1},
+        }
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(DataError, match="no_such_folder"):
+        run_sweep(space, name="bad-root", storage_path=tmp_path / "sweeps", tracking_uri=uri)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "sweeps").exists()
+    exp = tracking.client(uri).get_experiment_by_name("contrastlab-<dict>")
+    assert exp is None or not tracking.client(uri).search_runs([exp.experiment_id])

@@ -30,7 +30,13 @@ import yaml
 from contrastlab import tracking
 from contrastlab.config import ConfigError
 from contrastlab.sweep.space import SearchSpace, load_space
-from contrastlab.sweep.spec import SweepOptions, SweepSpec, smoke_base, smoke_fixed
+from contrastlab.sweep.spec import (
+    SweepOptions,
+    SweepSpec,
+    build_config,
+    smoke_base,
+    smoke_fixed,
+)
 
 
 @dataclass(frozen=True)
@@ -406,6 +412,22 @@ def _retire_orphan(c, run, trial_id: str) -> None:
     )
 
 
+def check_data(space: SweepSpec, options: SweepOptions) -> None:
+    """List the base config's data roots now, so that a missing or unreachable root (or wrong
+    credentials) is a :class:`~contrastlab.data.DataError` naming it before any trial time.
+
+    Object-store URIs are checked always; local paths only with a local Ray: on a cluster they
+    live on the workers' disks, which the driver (on the head node) need not have.
+    """
+    from contrastlab.data.lineage import data_sources
+
+    data = build_config(space.base, space.method, space.epochs, {}).data
+    remote = any("://" in str(r) for r in (data.root, data.test_root) if r)
+    local_ray = not (options.ray_address or os.environ.get("RAY_ADDRESS"))
+    if remote or local_ray:
+        data_sources(data)
+
+
 def open_sweep(space: SweepSpec, kind: str, options: SweepOptions) -> SweepSettings:
     """Everything before Ray: check the store, pick the runner, create or find the parent run.
 
@@ -418,6 +440,7 @@ def open_sweep(space: SweepSpec, kind: str, options: SweepOptions) -> SweepSetti
     )
     uri = tracking.resolve_tracking_uri(options.tracking_uri)
     tracking.check_reachable(uri)  # fail in seconds, before any trial is scheduled
+    check_data(space, options)
     if runner == "auto":
         runner = "direct" if space.resources.workers == 1 else "trainer"
     if runner not in ("direct", "trainer"):

@@ -90,6 +90,7 @@ class SweepSpec(Protocol):
     path: Path
     name: str
     method: str
+    base: dict[str, Any]
     metric: str
     mode: str
     epochs: int
