@@ -63,6 +63,10 @@ TRAINER_METRICS: dict[str, Metric] = {
     "knn_top5": Metric("max", 0.0, 100.0),
     "views_per_s": Metric("max", 0.0, None),
     "epoch_time_s": Metric("min", 0.0, None),
+    # compute spent so far (cumulative; the monitor's time not included): the cost axis of an
+    # accuracy-vs-compute sweep (metric: [knn_top1, train_seconds])
+    "train_seconds": Metric("min", 0.0, None),
+    "views_seen": Metric("min", 0.0, None),  # augmented views trained on, all workers
     "lr": Metric(None, 0.0, None),
 }
 """What every run reports, whatever the method (the kNN monitor's accuracies among them)."""
