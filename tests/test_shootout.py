@@ -155,7 +155,8 @@ def two_objectives(tmp_path_factory, ray_local):
     raw = yaml.safe_load((ROOT / "search_spaces" / "simclr.yaml").read_text())
     raw.update(metric=["knn_top1", "train_seconds"], mode=["max", "min"])
     del raw["scheduler"]
-    space = smoke_space(space_from_dict(raw, tmp / "pareto.yaml"), trials=4)
+    (tmp / "pareto.yaml").write_text(yaml.safe_dump(raw))  # the parent run logs the file
+    space = smoke_space(load_space(tmp / "pareto.yaml"), trials=4)
     out = run_sweep(space, name="po", storage_path=tmp / "sweeps", tracking_uri=uri)
     return uri, out, space, tmp
 
