@@ -1055,12 +1055,15 @@ def _is_model(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, BaseModel)
 
 
-def _members(tp: Any) -> dict[str, type[BaseModel]]:
-    """A tagged union's models by tag (``{}`` when ``tp`` is not one)."""
+def _members(tp: Any) -> dict[str, Any]:
+    """A tagged union's members by tag (``{}`` when ``tp`` is not one)."""
     if typing.get_origin(tp) not in (Union, types.UnionType):
         return {}
     out = {}
     for m in typing.get_args(tp):
+        # a member tagged for a callable discriminator: Annotated[X, ..., Tag("name")]
+        meta = typing.get_args(m)[1:] if typing.get_origin(m) is Annotated else ()
+        out.update({t.tag: m for t in meta if type(t).__name__ == "Tag"})
         for f in m.model_fields.values() if _is_model(m) else ():
             tags = typing.get_args(f.annotation)
             if typing.get_origin(f.annotation) is Literal and len(tags) == 1:

@@ -36,7 +36,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from contrastlab.config import Config, ConfigError, did_you_mean, rule
 from contrastlab.sweep.spec import (
@@ -195,12 +203,25 @@ ParamSpec = Annotated[
 """One ``params`` entry as written; :func:`_param` checks it against the searched field."""
 
 
+def _objectives(value: Any) -> str:
+    """One objective (a name) or two (a list): only that form's errors are reported."""
+    return "two" if isinstance(value, list) else "one"
+
+
 class SpaceFile(SpecFile):
     """A search space file's structure (see the module docstring): its own keys, types and
     ranges. :func:`load_space` then checks it against the method's config."""
 
-    metric: MetricName | Annotated[list[MetricName], Field(min_length=2, max_length=2)]
-    mode: Mode | Annotated[list[Mode], Field(min_length=2, max_length=2)]
+    metric: Annotated[
+        Annotated[MetricName, Tag("one")]
+        | Annotated[list[MetricName], Field(min_length=2, max_length=2), Tag("two")],
+        Discriminator(_objectives),
+    ]
+    mode: Annotated[
+        Annotated[Mode, Tag("one")]
+        | Annotated[list[Mode], Field(min_length=2, max_length=2), Tag("two")],
+        Discriminator(_objectives),
+    ]
     params: dict[str, ParamSpec] = Field(min_length=1)
     scheduler: Scheduler = Asha()
     trials: int = Field(ge=1)
