@@ -254,6 +254,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
         epochs=args.epochs,
         log_to_mlflow=not args.no_log,
+        front_index=args.front_index,
     )
     print(rep.text)
     return 0 if rep.ok else 3
@@ -407,6 +408,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help="best finished trial of sweep NAME (as `contrastlab report NAME` names it), else "
         "of MLflow experiment NAME",
+    )
+    p_pr.add_argument(
+        "--front-index",
+        type=int,
+        metavar="I",
+        help="with --best-of SWEEP: trial I of the sweep's Pareto front (two objectives), as "
+        "`contrastlab report SWEEP` lists it",
     )
     p_pr.add_argument("--tracking-uri", help="MLflow URI (default as for sweep)")
     p_pr.add_argument(

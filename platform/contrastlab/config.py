@@ -63,6 +63,10 @@ TRAINER_METRICS: dict[str, Metric] = {
     "knn_top5": Metric("max", 0.0, 100.0),
     "views_per_s": Metric("max", 0.0, None),
     "epoch_time_s": Metric("min", 0.0, None),
+    # compute spent so far (cumulative; the monitor's time not included): the cost axis of an
+    # accuracy-vs-compute sweep (metric: [knn_top1, train_seconds])
+    "train_seconds": Metric("min", 0.0, None),
+    "views_seen": Metric("min", 0.0, None),  # augmented views trained on, all workers
     "lr": Metric(None, 0.0, None),
 }
 """What every run reports, whatever the method (the kNN monitor's accuracies among them)."""
@@ -1051,12 +1055,15 @@ def _is_model(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, BaseModel)
 
 
-def _members(tp: Any) -> dict[str, type[BaseModel]]:
-    """A tagged union's models by tag (``{}`` when ``tp`` is not one)."""
+def _members(tp: Any) -> dict[str, Any]:
+    """A tagged union's members by tag (``{}`` when ``tp`` is not one)."""
     if typing.get_origin(tp) not in (Union, types.UnionType):
         return {}
     out = {}
     for m in typing.get_args(tp):
+        # a member tagged for a callable discriminator: Annotated[X, ..., Tag("name")]
+        meta = typing.get_args(m)[1:] if typing.get_origin(m) is Annotated else ()
+        out.update({t.tag: m for t in meta if type(t).__name__ == "Tag"})
         for f in m.model_fields.values() if _is_model(m) else ():
             tags = typing.get_args(f.annotation)
             if typing.get_origin(f.annotation) is Literal and len(tags) == 1:

@@ -329,6 +329,10 @@ class Trainer:
         self._guard(out["loss"], self.steps_per_epoch)
         views_per_epoch = self.steps_per_epoch * t.batch_size * self.method.n_views
         out.update(lr=lr, epoch_time_s=elapsed, views_per_s=views_per_epoch / elapsed)
+        # cumulative over the run, continued from the checkpoint's history on resume
+        spent = next((h for h in reversed(self.history) if "train_seconds" in h), {})
+        out["train_seconds"] = spent.get("train_seconds", 0.0) + elapsed
+        out["views_seen"] = spent.get("views_seen", 0.0) + float(views_per_epoch)
         return out
 
     def train_step(

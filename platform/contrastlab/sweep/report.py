@@ -18,6 +18,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import statistics
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 from contrastlab import tracking
 from contrastlab.config import ConfigError
-from contrastlab.sweep.space import SearchSpace, load_space
+from contrastlab.sweep.space import METHOD_KEY, SearchSpace, ShootoutSpace, load_space
 from contrastlab.sweep.spec import SpaceError
 
 
@@ -38,6 +39,8 @@ class SweepReport:
     importances: dict[str, float]
     files: dict[str, Path] = field(default_factory=dict)
     text: str = ""
+    methods: Any = None  # pandas.DataFrame: a shootout's per-method table (method_table)
+    front: list[dict[str, Any]] = field(default_factory=list)  # two objectives: pareto_front
 
 
 def locate_sweep(uri: str, sweep: str, experiment: str | None = None) -> tuple[str, str] | None:
@@ -70,7 +73,7 @@ def find_sweep(uri: str, sweep: str, experiment: str | None = None) -> tuple[str
     )
 
 
-def _space_of(uri: str, parent_id: str, out: Path) -> SearchSpace | None:
+def _space_of(uri: str, parent_id: str, out: Path) -> SearchSpace | ShootoutSpace | None:
     """The space file logged on the parent run, loaded again (None if it no longer loads)."""
     c = tracking.client(uri)
     try:
@@ -139,7 +142,8 @@ def rebuild_study(trials: list[dict[str, Any]], space: SearchSpace):
 
 def sweep_trials(uri: str, exp_id: str, parent_id: str, metric: str) -> list[dict[str, Any]]:
     """The sweep's trials in start order: run id, name, status, epochs, ``value`` (``metric`` at
-    its last trained epoch), the curve of ``metric`` by epoch, params and end reason."""
+    its last trained epoch), the curve of ``metric`` by epoch, params, end reason, ``method``
+    and ``latest`` (every metric's last reported value, as MLflow keeps it)."""
     c = tracking.client(uri)
     out = []
     for r in tracking.child_runs(uri, exp_id, parent_id):
@@ -156,6 +160,8 @@ def sweep_trials(uri: str, exp_id: str, parent_id: str, metric: str) -> list[dic
                 "curve": curve,
                 "params": {k: tracking.param_value(v) for k, v in r.data.params.items()},
                 "reason": r.data.tags.get("contrastlab.end_reason", ""),
+                "method": r.data.params.get(METHOD_KEY, ""),
+                "latest": dict(r.data.metrics),
             }
         )
     return sorted(out, key=lambda t: t["start"])
@@ -185,6 +191,155 @@ def best_of_sweep(uri: str, exp_id: str, parent_id: str) -> dict[str, Any] | Non
     return best_trial(
         sweep_trials(uri, exp_id, parent_id, metric), tags.get("contrastlab.mode", "max")
     )
+
+
+# --------------------------------------------------------------------------- shootout, Pareto
+
+
+def trial_seconds(uri: str, run_id: str) -> float:
+    """Training seconds a trial spent: its epochs' ``epoch_time_s`` summed (one value per
+    epoch: an epoch trained again after a restart counts once, as its last attempt)."""
+    hist = tracking.client(uri).get_metric_history(run_id, "epoch_time_s")
+    return float(sum({m.step: m.value for m in sorted(hist, key=lambda m: m.timestamp)}.values()))
+
+
+def method_table(trials: list[dict[str, Any]], space: Any, uri: str) -> Any:
+    """A shootout's per-method table (pandas), from the trials' MLflow runs: trials, finished,
+    stopped early, failed, best and median of the metric over the trials that ran the full
+    budget, compute spent (trial-seconds; GPU-seconds = trial-seconds x GPUs per trial when
+    trials hold GPUs). Each trial gets its ``seconds`` (:func:`trial_seconds`) on the way."""
+    import pandas as pd
+
+    metric, res = space.metric, space.resources
+    gpus = res.workers * res.gpus_per_worker
+    rows = []
+    for m in space.methods:
+        mine = [t for t in trials if t["method"] == m]
+        for t in mine:
+            t.setdefault("seconds", trial_seconds(uri, t["run_id"]))
+        done = [t["value"] for t in _finished(mine)]
+        pick = max if space.mode == "max" else min
+        secs = sum(t["seconds"] for t in mine)
+        rows.append(
+            {
+                "method": m,
+                "trials": len(mine),
+                "finished": sum(t["status"] == "FINISHED" for t in mine),
+                "stopped_early": sum(t["status"] == "KILLED" for t in mine),
+                "failed": sum(t["status"] == "FAILED" for t in mine),
+                f"best_{metric}": pick(done) if done else math.nan,
+                f"median_{metric}": float(statistics.median(done)) if done else math.nan,
+                "trial_seconds": secs,
+                "gpu_seconds": secs * gpus if gpus else math.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _finished(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        t
+        for t in trials
+        if t["status"] == "FINISHED" and t["value"] is not None and math.isfinite(t["value"])
+    ]
+
+
+def _plot_compute(trials: list[dict[str, Any]], space: Any, path: Path) -> None:
+    """Best-so-far metric (full-budget trials) against cumulative trial-seconds, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    better = max if space.mode == "max" else min
+    for m in space.methods:
+        xs, ys, spent, best = [0.0], [math.nan], 0.0, None
+        for t in trials:  # start order
+            if t["method"] != m:
+                continue
+            spent += t["seconds"]
+            if _finished([t]):
+                best = t["value"] if best is None else better(best, t["value"])
+            xs.append(spent)
+            ys.append(math.nan if best is None else best)
+        ax.step(xs, ys, where="post", marker="o", label=m)
+    ax.set_xlabel("cumulative compute (trial-seconds)")
+    ax.set_ylabel(f"best {space.metric} so far")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def pareto_front(trials: list[dict[str, Any]], objectives) -> list[dict[str, Any]]:
+    """The finished trials no other finished trial dominates, best first by the first
+    objective. A trial's objective values are its runs' last reported values (``latest``);
+    ``objectives`` is ``((metric, mode), ...)``. ``a`` dominates ``b`` when it is no worse in
+    every objective and better in one."""
+    sign = [1.0 if mode == "max" else -1.0 for _, mode in objectives]
+    points = []
+    for t in trials:
+        if t["status"] != "FINISHED":
+            continue
+        vals = [t["latest"].get(m) for m, _ in objectives]
+        if all(v is not None and math.isfinite(v) for v in vals):
+            points.append((t, [s * v for s, v in zip(sign, vals, strict=True)]))
+
+    def dominates(a: list[float], b: list[float]) -> bool:
+        return all(x >= y for x, y in zip(a, b, strict=True)) and a != b
+
+    front = [(t, p) for t, p in points if not any(dominates(q, p) for _, q in points)]
+    return [t for t, p in sorted(front, key=lambda tp: [-v for v in tp[1]])]
+
+
+def objectives_of(uri: str, parent_id: str) -> tuple[tuple[str, str], ...]:
+    """The ``(metric, mode)`` objectives a sweep ran with (its parent run's tags)."""
+    tags = tracking.client(uri).get_run(parent_id).data.tags
+    saved = json.loads(tags.get("contrastlab.objectives") or "[]")
+    if saved:
+        return tuple((m, mode) for m, mode in saved)
+    return ((tags.get("contrastlab.metric", "knn_top1"), tags.get("contrastlab.mode", "max")),)
+
+
+def front_of_sweep(uri: str, exp_id: str, parent_id: str) -> list[dict[str, Any]]:
+    """:func:`pareto_front` of a sweep, by the objectives it ran with."""
+    objectives = objectives_of(uri, parent_id)
+    return pareto_front(sweep_trials(uri, exp_id, parent_id, objectives[0][0]), objectives)
+
+
+def _plot_pareto(trials, front, objectives, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (mx, _), (my, _) = objectives[:2]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    pts = [t for t in trials if t["latest"].get(mx) is not None and t["latest"].get(my) is not None]
+    ax.scatter(
+        [t["latest"][mx] for t in pts],
+        [t["latest"][my] for t in pts],
+        c="0.6",
+        label="trials",
+    )
+    ax.plot(
+        [t["latest"][mx] for t in front],
+        [t["latest"][my] for t in front],
+        "o-",
+        color="tab:red",
+        label="Pareto front",
+    )
+    for i, t in enumerate(front):
+        ax.annotate(
+            str(i), (t["latest"][mx], t["latest"][my]), textcoords="offset points", xytext=(4, 4)
+        )
+    ax.set_xlabel(mx)
+    ax.set_ylabel(my)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _plot(fn, path: Path, notes: list[str], **kw) -> bool:
@@ -220,7 +375,6 @@ def sweep_report(
     top: int = 10,
 ) -> SweepReport:
     """Build the report of sweep ``sweep`` (see the module docstring)."""
-    import optuna
     import pandas as pd
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
@@ -253,6 +407,7 @@ def sweep_report(
             "status": t["status"],
             "epochs": t["epochs"],
             metric: t["value"],
+            **{m: t["latest"].get(m) for m, _ in space.objectives[1:]},
             **{p: t["params"].get(p) for p in space.param_paths},
             "run_id": t["run_id"],
         }
@@ -274,6 +429,40 @@ def sweep_report(
         Path(cfg_path).replace(files["best_config"])
     else:
         notes.append("no trial finished its full budget: no best config")
+
+    importances: dict[str, float] = {}
+    methods = None
+    if isinstance(space, ShootoutSpace):
+        # Optuna's plots are of one study; a shootout has one per method
+        methods = method_table(trials, space, uri)
+        files["methods"] = out / "methods.csv"
+        methods.to_csv(files["methods"], index=False)
+        files["compute"] = out / "compute.png"
+        _plot_compute(trials, space, files["compute"])
+    else:
+        importances = _optuna_plots(trials, space, out, files, notes)
+    front: list[dict[str, Any]] = []
+    if len(space.objectives) > 1:
+        front = pareto_front(trials, space.objectives)
+        files["pareto"] = out / "pareto.png"
+        _plot_pareto(trials, front, space.objectives, files["pareto"])
+
+    text = _markdown(sweep, parent_id, space, board.head(top), best, importances, trials, notes)
+    extra = _extra_markdown(sweep, space, methods, front)
+    text += "\n" + extra if extra else ""
+    files["markdown"] = out / "report.md"
+    files["markdown"].write_text(text)
+    files["html"] = out / "report.html"
+    files["html"].write_text(_html(sweep, text, board.head(top), files))
+    if log_to_mlflow:
+        for f in files.values():
+            c.log_artifact(parent_id, str(f), "report")
+    return SweepReport(sweep, parent_id, board, best, importances, files, text, methods, front)
+
+
+def _optuna_plots(trials, space: SearchSpace, out: Path, files: dict, notes: list[str]):
+    """Optuna's plots of the rebuilt study into ``files``; the fANOVA importances."""
+    import optuna
 
     study = rebuild_study(trials, space)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -313,16 +502,7 @@ def sweep_report(
                 files.pop("contour")
     else:
         notes.append("fewer than 2 completed trials: no Optuna plots")
-
-    text = _markdown(sweep, parent_id, space, board.head(top), best, importances, trials, notes)
-    files["markdown"] = out / "report.md"
-    files["markdown"].write_text(text)
-    files["html"] = out / "report.html"
-    files["html"].write_text(_html(sweep, text, board.head(top), files))
-    if log_to_mlflow:
-        for f in files.values():
-            c.log_artifact(parent_id, str(f), "report")
-    return SweepReport(sweep, parent_id, board, best, importances, files, text)
+    return importances
 
 
 def _markdown(sweep, parent_id, space, board, best, importances, trials, notes) -> str:
@@ -350,6 +530,39 @@ def _markdown(sweep, parent_id, space, board, best, importances, trials, notes) 
         lines += [f"- `{k}`: {v:.3f}" for k, v in importances.items()] + [""]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def _extra_markdown(sweep: str, space, methods, front: list[dict[str, Any]]) -> str:
+    """The method table (a shootout) and the Pareto front (two objectives), as markdown."""
+    lines: list[str] = []
+    if methods is not None:
+        res = space.resources
+        lines += [
+            "## Methods",
+            "",
+            f"{space.trials} trials per method, {space.epochs} epochs each, "
+            f"{res.workers} worker(s) x {res.gpus_per_worker:g} GPU per trial. Best and median "
+            f"over trials that ran the full budget; compute counts every trial's training epochs.",
+            "",
+            _md_table(methods),
+            "",
+        ]
+    if front:
+        names = [m for m, _ in space.objectives]
+        lines += [
+            f"## Pareto front ({' vs '.join(f'{m} ({mode})' for m, mode in space.objectives)})",
+            "",
+            "| index | trial | " + " | ".join(names) + " | reproduce |",
+            "|---|---|" + "---|" * len(names) + "---|",
+        ]
+        for i, t in enumerate(front):
+            vals = " | ".join(_fmt(t["latest"][m]) for m in names)
+            lines.append(
+                f"| {i} | {t['trial']} | {vals} | `contrastlab reproduce --best-of {sweep} "
+                f"--front-index {i}` (or `--run-id {t['run_id']}`) |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -393,6 +606,11 @@ def _html(sweep: str, markdown: str, board, files: dict[str, Path]) -> str:
 
 __all__ = [
     "SweepReport",
+    "front_of_sweep",
+    "method_table",
+    "objectives_of",
+    "pareto_front",
+    "trial_seconds",
     "best_of_sweep",
     "best_trial",
     "find_sweep",

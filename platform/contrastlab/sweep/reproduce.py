@@ -110,6 +110,33 @@ def best_run(uri: str, name: str) -> str:
     return best
 
 
+def front_run(uri: str, sweep: str, index: int) -> str:
+    """The run ``--best-of SWEEP --front-index I`` reproduces: trial ``index`` of the sweep's
+    Pareto front, in the order ``contrastlab report SWEEP`` lists it (best first by the first
+    objective).
+
+    Raises:
+        ConfigError: No such sweep, or ``index`` is not on its front.
+    """
+    from contrastlab.sweep.report import front_of_sweep, locate_sweep
+
+    found = locate_sweep(uri, sweep)
+    if found is None:
+        raise ConfigError(
+            f"--best-of {sweep!r} --front-index: no sweep of that name in {uri} (--front-index "
+            "takes a sweep name, not an experiment)"
+        )
+    front = front_of_sweep(uri, *found)
+    if not 0 <= index < len(front):
+        raise ConfigError(
+            f"--front-index {index}: sweep {sweep!r} has {len(front)} trial(s) on its Pareto "
+            f"front; allowed: 0 to {len(front) - 1} (`contrastlab report {sweep}` lists them)"
+            if front
+            else f"--front-index: sweep {sweep!r} has no finished trial on a Pareto front"
+        )
+    return front[index]["run_id"]
+
+
 def fetch_config(uri: str, run_id: str) -> Config:
     """The resolved config a trial ran with (its ``config.yaml`` artifact; one logged by an
     earlier version loads too, see :func:`~contrastlab.config.saved_config`)."""
@@ -249,6 +276,7 @@ def reproduce(
     epochs: int | None = None,
     log_to_mlflow: bool = True,
     gpu_tolerance: dict[str, float] | None = None,
+    front_index: int | None = None,
 ) -> Reproduction:
     """Re-run a tracked trial locally and compare (see the module docstring).
 
@@ -264,12 +292,20 @@ def reproduce(
             first ``epochs`` epochs are comparable); default: all.
         log_to_mlflow: record the reproduction as an MLflow run linked to the original.
         gpu_tolerance: allowed differences off CPU (default :data:`GPU_TOLERANCE`).
+        front_index: with ``best_of`` (a sweep), trial ``front_index`` of its Pareto front
+            instead of its best (:func:`front_run`).
     """
     if (run_id is None) == (best_of is None):
         raise ConfigError("give exactly one of --run-id or --best-of")
+    if front_index is not None and best_of is None:
+        raise ConfigError(
+            "--front-index picks a trial of a sweep's front: it needs --best-of SWEEP"
+        )
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.check_reachable(uri)
-    if best_of is not None:
+    if best_of is not None and front_index is not None:
+        run_id = front_run(uri, best_of, front_index)
+    elif best_of is not None:
         run_id = best_run(uri, best_of)
     assert run_id is not None
     cfg = fetch_config(uri, run_id)
@@ -408,5 +444,6 @@ __all__ = [
     "code_differences",
     "data_differences",
     "fetch_config",
+    "front_run",
     "reproduce",
 ]

@@ -29,7 +29,7 @@ import yaml
 
 from contrastlab import tracking
 from contrastlab.config import ConfigError
-from contrastlab.sweep.space import SearchSpace, load_space
+from contrastlab.sweep.space import SearchSpace, ShootoutSpace, load_space
 from contrastlab.sweep.spec import (
     SweepOptions,
     SweepSpec,
@@ -70,8 +70,12 @@ def smoke_space(space: SearchSpace, trials: int = 3, epochs: int = 2) -> SearchS
     """The same sweep, shrunk to run on 2 CPU cores in about a minute (what CI runs).
 
     Keeps the method and the searched hyperparameters that do not change sizes (temperature,
-    lr, weight decay, momentum, eps, ...), fixes the sizes small, and trains on digits.
+    lr, weight decay, momentum, eps, ...), fixes the sizes small, and trains on digits. A
+    shootout shrinks each method's space at that method's tiny setting (``trials`` per
+    method); a space with two objectives keeps its FIFO scheduler.
     """
+    if isinstance(space, ShootoutSpace):
+        return space.map(lambda sub: smoke_space(sub, trials, epochs))
     fixed = smoke_fixed(space.method)
     drop = {p.path: None for p in space.params if p.path.startswith(fixed)}
     smaller = space.with_overrides(param_overrides=drop) if drop else space
@@ -92,7 +96,9 @@ def smoke_space(space: SearchSpace, trials: int = 3, epochs: int = 2) -> SearchS
         trials=trials,
         concurrency=2,
         epochs=epochs,
-        scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2}
+        if space.scheduler.name == "asha"
+        else space.scheduler,
         resources={"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
     )
 
@@ -421,11 +427,16 @@ def check_data(space: SweepSpec, options: SweepOptions) -> None:
     """
     from contrastlab.data.lineage import data_sources
 
-    data = build_config(space.base, space.method, space.epochs, {}).data
-    remote = any("://" in str(r) for r in (data.root, data.test_root) if r)
+    specs = list(space.spaces.values()) if isinstance(space, ShootoutSpace) else [space]
     local_ray = not (options.ray_address or os.environ.get("RAY_ADDRESS"))
-    if remote or local_ray:
-        data_sources(data)
+    checked = set()
+    for spec in specs:
+        data = build_config(spec.base, spec.method, spec.epochs, {}).data
+        remote = any("://" in str(r) for r in (data.root, data.test_root) if r)
+        key = (data.dataset, data.root, data.test_root)
+        if (remote or local_ray) and key not in checked:
+            checked.add(key)
+            data_sources(data)
 
 
 def open_sweep(space: SweepSpec, kind: str, options: SweepOptions) -> SweepSettings:
@@ -482,6 +493,7 @@ def open_sweep(space: SweepSpec, kind: str, options: SweepOptions) -> SweepSetti
                 "contrastlab.method": space.method,
                 "contrastlab.metric": space.metric,
                 "contrastlab.mode": space.mode,
+                "contrastlab.objectives": json.dumps(getattr(space, "objectives", ())),
                 "contrastlab.epochs": str(space.epochs),
                 "contrastlab.optuna_study": name,
                 "contrastlab.runner": runner,
@@ -601,7 +613,7 @@ def _send_spooled(settings: SweepSettings) -> None:
 
 
 def run_sweep(
-    space: SearchSpace,
+    space: SearchSpace | ShootoutSpace,
     options: SweepOptions | None = None,
     *,
     optuna_storage: str | None = None,
@@ -610,15 +622,13 @@ def run_sweep(
     """Run (or, with ``options.resume``, continue) a sweep; returns per-trial outcomes.
 
     Args:
-        space: A validated search space.
+        space: A validated search space, or a method shootout.
         options: How it runs (:class:`~contrastlab.sweep.spec.SweepOptions`); ``changes`` are
             applied over it (``run_sweep(space, name="x", tracking_uri=uri)``).
         optuna_storage: An Optuna RDB URL (``sqlite:///study.db``) to persist the study.
     """
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     started = time.perf_counter()
     opts = (options or SweepOptions()).with_changes(**changes)
@@ -630,31 +640,13 @@ def run_sweep(
 
     def make_tuner(trainable, run_config):
         storage = optuna.storages.RDBStorage(optuna_storage) if optuna_storage else None
-        search = OptunaSearch(
-            space=space.define_by_run,
-            metric=space.metric,
-            mode=space.mode,
-            sampler=optuna.samplers.TPESampler(seed=space.seed),
-            study_name=settings.name,
-            storage=storage,
-        )
-        if space.scheduler.name == "asha":
-            scheduler = ASHAScheduler(
-                metric=space.metric,
-                mode=space.mode,
-                time_attr="training_iteration",
-                max_t=space.epochs,
-                grace_period=space.scheduler.grace_period,
-                reduction_factor=space.scheduler.reduction_factor,
-            )
-        else:
-            scheduler = FIFOScheduler()
+        search, scheduler, samples = _search_and_schedule(space, settings.name, storage)
         return tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=search,
                 scheduler=scheduler,
-                num_samples=space.trials,
+                num_samples=samples,
                 max_concurrent_trials=space.concurrency,
                 reuse_actors=settings.reuse_actors,
             ),
@@ -666,7 +658,57 @@ def run_sweep(
     return finish_sweep(settings, results, started)
 
 
-def _log_parent_files(uri: str, parent_id: str, space: SearchSpace, prov: dict) -> None:
+def _search_and_schedule(space: SearchSpace | ShootoutSpace, name: str, storage: Any):
+    """Tune's searcher, scheduler and number of trials for ``space``.
+
+    One Optuna TPE study (multi-objective with two objectives: TPE handles both) and ASHA on
+    the metric, or FIFO. A shootout gets one study and one scheduler per method behind
+    :mod:`contrastlab.sweep.per_method`'s round-robin, and ``trials`` for each method.
+    """
+    import optuna
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    def study(sub: SearchSpace, study_name: str) -> OptunaSearch:
+        metrics, modes = zip(*sub.objectives, strict=True)
+        return OptunaSearch(
+            space=sub.define_by_run,
+            metric=list(metrics) if len(metrics) > 1 else metrics[0],
+            mode=list(modes) if len(modes) > 1 else modes[0],
+            sampler=optuna.samplers.TPESampler(seed=sub.seed),
+            study_name=study_name,
+            storage=storage,
+        )
+
+    def scheduler():
+        if space.scheduler.name != "asha":
+            return FIFOScheduler()
+        return ASHAScheduler(
+            metric=space.metric,
+            mode=space.mode,
+            time_attr="training_iteration",
+            max_t=space.epochs,
+            grace_period=space.scheduler.grace_period,
+            reduction_factor=space.scheduler.reduction_factor,
+        )
+
+    if not isinstance(space, ShootoutSpace):
+        return study(space, name), scheduler(), space.trials
+    from contrastlab.sweep.per_method import PerMethodScheduler, PerMethodSearch
+
+    searchers = {m: study(sub, f"{name}-{m}") for m, sub in space.spaces.items()}
+    search = PerMethodSearch(searchers, space.metric, space.mode)
+    sched = (
+        PerMethodScheduler(scheduler, space.methods)
+        if space.scheduler.name == "asha"
+        else FIFOScheduler()
+    )
+    return search, sched, space.total_trials
+
+
+def _log_parent_files(
+    uri: str, parent_id: str, space: SearchSpace | ShootoutSpace, prov: dict
+) -> None:
     c = tracking.client(uri)
     tracking.log_provenance_files(uri, parent_id, prov)
     # the space as it ran (after --smoke-test / --trials changes), and the file it came from

@@ -36,11 +36,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from contrastlab.config import Config, ConfigError, did_you_mean, rule
 from contrastlab.sweep.spec import (
     MAX_SEED,
+    Base,
+    MethodName,
+    MetricName,
+    Mode,
     Param,
     Resources,
     SpaceError,
@@ -191,10 +203,25 @@ ParamSpec = Annotated[
 """One ``params`` entry as written; :func:`_param` checks it against the searched field."""
 
 
+def _objectives(value: Any) -> str:
+    """One objective (a name) or two (a list): only that form's errors are reported."""
+    return "two" if isinstance(value, list) else "one"
+
+
 class SpaceFile(SpecFile):
     """A search space file's structure (see the module docstring): its own keys, types and
     ranges. :func:`load_space` then checks it against the method's config."""
 
+    metric: Annotated[
+        Annotated[MetricName, Tag("one")]
+        | Annotated[list[MetricName], Field(min_length=2, max_length=2), Tag("two")],
+        Discriminator(_objectives),
+    ]
+    mode: Annotated[
+        Annotated[Mode, Tag("one")]
+        | Annotated[list[Mode], Field(min_length=2, max_length=2), Tag("two")],
+        Discriminator(_objectives),
+    ]
     params: dict[str, ParamSpec] = Field(min_length=1)
     scheduler: Scheduler = Asha()
     trials: int = Field(ge=1)
@@ -205,9 +232,38 @@ class SpaceFile(SpecFile):
     def _asha_by_default(cls, value: Any) -> Any:
         return {"name": "asha", **value} if isinstance(value, dict) else value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fifo_for_two_objectives(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("metric"), list):
+            return {"scheduler": {"name": "fifo"}, **data}
+        return data
+
     @model_validator(mode="after")
     def _fits(self) -> SpaceFile:
         epochs = self.budget.epochs
+        metrics, modes = self.metric, self.mode
+        if isinstance(metrics, list) or isinstance(modes, list):
+            if not (isinstance(metrics, list) and isinstance(modes, list)):
+                raise rule(
+                    "two objectives need a list in both metric and mode, e.g. metric: "
+                    "[knn_top1, train_seconds] with mode: [max, min]",
+                    at="mode" if isinstance(metrics, list) else "metric",
+                )
+            if metrics[0] == metrics[1]:
+                raise rule(
+                    f"{metrics[0]} is listed twice; allowed: two different metrics", at="metric"
+                )
+            if isinstance(self.scheduler, Asha):
+                # ASHA ranks trials on one metric: it would stop the trials that are on the
+                # front by the other objective (e.g. cheap ones) before they report it
+                raise rule(
+                    "asha stops trials by one metric, which would cut trials that are on the "
+                    "Pareto front by the other objective; a space with two objectives runs "
+                    "every trial its whole budget: allowed: scheduler: {name: fifo} (the "
+                    "default with two objectives)",
+                    at="scheduler",
+                )
         if isinstance(self.scheduler, Asha) and self.scheduler.grace_period > epochs:
             raise rule(
                 f"{self.scheduler.grace_period} is more than budget.epochs ({epochs}); "
@@ -242,6 +298,19 @@ class SearchSpace:
     concurrency: int
     resources: Resources
     seed: int
+    metrics: tuple[str, ...] = ()
+    """With two objectives, both metrics (:attr:`metric` is the first); else empty."""
+    modes: tuple[str, ...] = ()
+
+    @property
+    def objectives(self) -> tuple[tuple[str, str], ...]:
+        """``(metric, mode)`` of every objective: one, or two (accuracy vs compute)."""
+        return tuple(zip(self.metrics, self.modes, strict=True)) or ((self.metric, self.mode),)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods this space trains: one (see :class:`ShootoutSpace` for several)."""
+        return (self.method,)
 
     @property
     def param_paths(self) -> tuple[str, ...]:
@@ -321,8 +390,8 @@ class SearchSpace:
             "method": self.method,
             "base": copy.deepcopy(self.base),
             "params": {p.path: p.to_dict() for p in self.params},
-            "metric": self.metric,
-            "mode": self.mode,
+            "metric": list(self.metrics) if self.metrics else self.metric,
+            "mode": list(self.modes) if self.modes else self.mode,
             "budget": {"epochs": self.epochs},
             "scheduler": self.scheduler.to_dict(),
             "trials": self.trials,
@@ -431,17 +500,254 @@ class SearchSpace:
         return _validate(raw, self.path)
 
 
+# --------------------------------------------------------------------------- method shootout
+
+
+METHOD_KEY = "method.name"
+"""The key of a shootout trial's method in its sampled values (what Tune's config holds)."""
+
+
+class MethodBlock(SpecModel):
+    """``methods.<name>`` of a shootout: that method's own base and searched params."""
+
+    base: Base = None
+    params: dict[str, ParamSpec] = {}
+
+
+class ShootoutFile(SpaceFile):
+    """A shootout file's structure: several methods, each with its own block (see
+    :class:`ShootoutSpace`); the other keys are a search space's, shared by every method."""
+
+    method: Annotated[list[MethodName], Field(min_length=2)]
+    params: dict[str, ParamSpec] = {}
+    methods: dict[MethodName, MethodBlock] = {}
+
+    @model_validator(mode="after")
+    def _blocks(self) -> ShootoutFile:
+        listed = self.method
+        twice = sorted({m for m in listed if listed.count(m) > 1})
+        if twice:
+            raise rule(f"{', '.join(twice)} listed twice; each method is listed once", at="method")
+        extra = [m for m in self.methods if m not in listed]
+        if extra:
+            raise rule(
+                f"{', '.join(extra)} has a block but is not in `method`; allowed: "
+                + ", ".join(listed),
+                at="methods",
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class ShootoutSpace:
+    """A method shootout: several methods searched side by side, on equal terms.
+
+    The YAML names a list of methods; each method's own fields live in its block, so they are
+    conditional on the method by construction::
+
+        method: [simclr, moco, supcon]
+        base: {data: {dataset: cifar10}}             # shared by every method
+        params:                                      # shared: searched for every method
+          optim.lr: {dist: loguniform, low: 0.05, high: 1.0}
+        methods:
+          moco:
+            base: {method: {queue_size: 4096}}
+            params: {method.temperature: {dist: loguniform, low: 0.05, high: 0.5}}
+          simclr: {params: {method.temperature: {dist: loguniform, low: 0.05, high: 0.5}}}
+        metric: knn_top1                             # every method must report it
+        mode: max
+        budget: {epochs: 100}                        # epochs per trial, for every method
+        trials: 16                                   # trials PER METHOD
+
+    Each method's block merged with the shared keys is validated as an ordinary
+    :class:`SearchSpace` of that method (its config class owns the fields and the metrics it
+    reports), so every error of a one-method space is caught here too, prefixed with the
+    method. The runner gives every method its own Optuna study and hands out trials
+    round-robin by trial number, so equal trial counts are a guarantee (one TPE study over a
+    categorical method would favour the method that led early); with ASHA each method also
+    gets its own rungs, so early stopping compares a method's trials with each other only.
+
+    Attributes:
+        path: The file.
+        name: Its stem.
+        spaces: ``{method: SearchSpace}``, in the file's order; they share every setting but
+            the method, its base and its params.
+    """
+
+    path: Path
+    name: str
+    spaces: dict[str, SearchSpace]
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods, in the file's order (the round-robin order of trials)."""
+        return tuple(self.spaces)
+
+    @property
+    def _first(self) -> SearchSpace:
+        return next(iter(self.spaces.values()))
+
+    @property
+    def method(self) -> str:
+        """The methods as one text (the parent run's ``contrastlab.method`` tag)."""
+        return ",".join(self.methods)
+
+    metric = property(lambda self: self._first.metric, doc="The (first) objective's metric.")
+    mode = property(lambda self: self._first.mode, doc="The (first) objective's mode.")
+    metrics = property(lambda self: self._first.metrics, doc="As SearchSpace.metrics.")
+    modes = property(lambda self: self._first.modes, doc="As SearchSpace.modes.")
+    objectives = property(lambda self: self._first.objectives, doc="As SearchSpace.objectives.")
+    epochs = property(lambda self: self._first.epochs, doc="Epochs of every trial.")
+    scheduler = property(lambda self: self._first.scheduler, doc="Each method's scheduler.")
+    trials = property(lambda self: self._first.trials, doc="Trials per method.")
+    concurrency = property(lambda self: self._first.concurrency, doc="Trials run at once.")
+    resources = property(lambda self: self._first.resources, doc="What one trial reserves.")
+    seed = property(lambda self: self._first.seed, doc="Every method's sampler seed.")
+
+    @property
+    def total_trials(self) -> int:
+        """Trials of the whole shootout: :attr:`trials` for each method."""
+        return self.trials * len(self.spaces)
+
+    @property
+    def param_paths(self) -> tuple[str, ...]:
+        """:data:`METHOD_KEY`, then every method's searched paths (each once)."""
+        paths = [METHOD_KEY]
+        for sub in self.spaces.values():
+            paths += [p for p in sub.param_paths if p not in paths]
+        return tuple(paths)
+
+    def method_of(self, trial_number: int) -> str:
+        """The method of the shootout's ``trial_number``-th trial (0-based): round-robin."""
+        return self.methods[trial_number % len(self.methods)]
+
+    def config_for(self, sampled: Mapping[str, Any]) -> Config:
+        """The trial's config: ``sampled[METHOD_KEY]`` picks the method, the rest are its
+        sampled values (see :meth:`SearchSpace.config_for`).
+
+        Raises:
+            SpaceError: No or an unknown method, or what the method's space rejects.
+        """
+        if not isinstance(sampled, Mapping) or sampled.get(METHOD_KEY) not in self.spaces:
+            got = sampled.get(METHOD_KEY) if isinstance(sampled, Mapping) else sampled
+            raise SpaceError(
+                f"{self.path}: sampled values need {METHOD_KEY}: one of "
+                f"{', '.join(self.methods)}; got {got!r}"
+            )
+        rest = {k: v for k, v in sampled.items() if k != METHOD_KEY}
+        return self.spaces[sampled[METHOD_KEY]].config_for(rest)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form (round-trips through :func:`space_from_dict`): what every method's
+        space has alike is shared, the rest goes in its block."""
+        subs = {m: s.to_dict() for m, s in self.spaces.items()}
+        first = next(iter(subs.values()))
+        base: dict[str, Any] = {}
+        for section, values in first["base"].items():
+            if section == "method" or not isinstance(values, Mapping):
+                continue
+            same = {
+                k: v
+                for k, v in values.items()
+                if all((d["base"].get(section) or {}).get(k, ...) == v for d in subs.values())
+            }
+            if same:
+                base[section] = same
+        params = {
+            k: v
+            for k, v in first["params"].items()
+            if not k.startswith("method.") and all(d["params"].get(k) == v for d in subs.values())
+        }
+        blocks: dict[str, Any] = {}
+        for m, d in subs.items():
+            own_base = {
+                section: {k: v for k, v in (values or {}).items() if k not in base.get(section, {})}
+                for section, values in d["base"].items()
+            }
+            own_base = {k: v for k, v in own_base.items() if v}
+            own_params = {k: v for k, v in d["params"].items() if k not in params}
+            blocks[m] = {
+                **({"base": own_base} if own_base else {}),
+                **({"params": own_params} if own_params else {}),
+            }
+        out = {"method": list(subs), "base": base, "params": params, "methods": blocks}
+        out.update({k: v for k, v in first.items() if k not in ("method", "base", "params")})
+        return out
+
+    def with_overrides(self, **changes: Any) -> ShootoutSpace:
+        """Every method's space with the same changes (:meth:`SearchSpace.with_overrides`;
+        ``trials`` is per method; ``method`` cannot change)."""
+        if "method" in changes:
+            raise SpaceError(
+                f"{self.path}: with_overrides: a shootout's methods are its file's `method` "
+                "list; change the file"
+            )
+        return self.map(lambda sub: sub.with_overrides(**changes))
+
+    def map(self, fn: Any) -> ShootoutSpace:
+        """A shootout of ``fn(space)`` for every method's space (e.g. its smoke version)."""
+        spaces = {m: fn(s) for m, s in self.spaces.items()}
+        shootout = ShootoutSpace(self.path, self.name, spaces)
+        return _validate_shootout(shootout.to_dict(), self.path)
+
+
+def _validate_shootout(data: Mapping[str, Any], path: Path) -> ShootoutSpace:
+    """A shootout file (:class:`ShootoutFile`), then every method's merged space."""
+    where = str(path)
+    f = parse_spec(ShootoutFile, data, where)
+    errs = []
+    if "method" in (f.base or {}):
+        errs.append(
+            "base.method: a method's fields differ by method; put them in methods.<name>.base "
+            "(e.g. methods: {moco: {base: {method: {queue_size: 4096}}}})"
+        )
+    for key in f.params:
+        if key.startswith("method."):
+            errs.append(
+                f"params.{key}: a method's own field is searched in its block, e.g. "
+                f"methods: {{{f.method[0]}: {{params: {{{key}: ...}}}}}}"
+            )
+    blocks = data.get("methods") or {}
+    for m, block in f.methods.items():
+        for key in block.params:
+            if key in f.params:
+                errs.append(
+                    f"methods.{m}.params.{key}: also in the shared params; a param is either "
+                    "shared or a method's own: remove one"
+                )
+    raise_errors(where, errs)
+    shared = {k: v for k, v in data.items() if k not in ("method", "methods", "base", "params")}
+    spaces: dict[str, SearchSpace] = {}
+    for m in f.method:
+        block = blocks.get(m) or {}
+        raw = {
+            **copy.deepcopy(shared),
+            "method": m,
+            "base": _deep_merge(data.get("base") or {}, block.get("base") or {}),
+            "params": {**copy.deepcopy(data.get("params") or {}), **(block.get("params") or {})},
+        }
+        try:
+            spaces[m] = _validate_one(raw, path)
+        except SpaceError as e:
+            text = str(e).removeprefix(f"{where}: ")
+            raise SpaceError(
+                f"{where}: method {m} (methods.{m} with the shared keys): {text}"
+            ) from None
+    return ShootoutSpace(path, path.stem, spaces)
+
+
 # --------------------------------------------------------------------------- public loading
 
 
-def load_space(path: str | Path) -> SearchSpace:
+def load_space(path: str | Path) -> SearchSpace | ShootoutSpace:
     """Read and fully validate a search space file.
 
     Args:
         path: A YAML file (read with a ``yaml.SafeLoader`` that also rejects duplicate keys).
 
     Returns:
-        The validated :class:`SearchSpace`; its ``name`` is the file stem.
+        The validated :class:`SearchSpace` (a :class:`ShootoutSpace` when ``method`` is a
+        list); its ``name`` is the file stem.
 
     Raises:
         SpaceError: Anything wrong with the file; the message names the file and the key.
@@ -460,7 +766,7 @@ def load_space(path: str | Path) -> SearchSpace:
     return _validate(data, path)
 
 
-def space_from_dict(data: Any, path: str | Path = "<dict>") -> SearchSpace:
+def space_from_dict(data: Any, path: str | Path = "<dict>") -> SearchSpace | ShootoutSpace:
     """Validate an already-parsed space (the YAML form) into a :class:`SearchSpace`.
 
     Args:
@@ -501,10 +807,17 @@ def find_spaces(root: str | Path) -> list[Path]:
 # --------------------------------------------------------------------------- validation
 
 
-def _validate(data: Any, path: Path) -> SearchSpace:
+def _validate(data: Any, path: Path) -> SearchSpace | ShootoutSpace:
     """Check a space's structure (:class:`SpaceFile`), then each part against the method's
     config; raise one :class:`SpaceError` listing the problems of the first stage that has any.
+    A list of methods makes a :class:`ShootoutSpace` (see :func:`_validate_shootout`).
     """
+    if isinstance(data, Mapping) and isinstance(data.get("method"), list):
+        return _validate_shootout(data, path)
+    return _validate_one(data, path)
+
+
+def _validate_one(data: Any, path: Path) -> SearchSpace:
     where = str(path)
     f = parse_spec(SpaceFile, data, where)
     method, base, epochs = f.method, copy.deepcopy(f.base or {}), f.budget.epochs
@@ -544,7 +857,10 @@ def _validate(data: Any, path: Path) -> SearchSpace:
     raise_errors(where, errs)
 
     # ---- metric, schedule, resources against the resolved base config
-    errs.extend(metric_errors(f.metric, f.mode, method, base_cfg, searched))
+    metrics = tuple(f.metric) if isinstance(f.metric, list) else (f.metric,)
+    modes = tuple(f.mode) if isinstance(f.mode, list) else (f.mode,)
+    for metric, mode in zip(metrics, modes, strict=True):
+        errs.extend(metric_errors(metric, mode, method, base_cfg, searched))
     errs.extend(resource_errors(f.resources, base_cfg, by_path))
     raise_errors(where, errs)
 
@@ -554,14 +870,16 @@ def _validate(data: Any, path: Path) -> SearchSpace:
         method=method,
         base=base,
         params=tuple(ordered),
-        metric=f.metric,
-        mode=f.mode,
+        metric=metrics[0],
+        mode=modes[0],
         epochs=epochs,
         scheduler=f.scheduler,
         trials=f.trials,
         concurrency=f.concurrency,
         resources=f.resources,
         seed=f.seed,
+        metrics=metrics if len(metrics) > 1 else (),
+        modes=modes if len(modes) > 1 else (),
     )
     _check_values(space, required, base_flat)
     return space
@@ -871,7 +1189,9 @@ __all__ = [
     "ParamSpec",
     "Resources",
     "Scheduler",
+    "METHOD_KEY",
     "SearchSpace",
+    "ShootoutSpace",
     "SpaceFile",
     "SpaceError",
     "find_spaces",
