@@ -57,6 +57,18 @@ def test_the_package_imports_no_tools():
             assert not used, f"{path.relative_to(ROOT)}:{node.lineno} imports {used}"
 
 
+def test_modules_share_public_names_only():
+    """No module of the package imports another's underscore name: what modules share is
+    their public API (a shared helper is made public where it lives)."""
+    for path in sorted((ROOT / "platform" / "contrastlab").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (
+                node.level or "contrastlab" in (node.module or "")
+            ):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.relative_to(ROOT)}:{node.lineno} imports {private}"
+
+
 @pytest.mark.parametrize("script", ["pipelines/bench.py", "pipelines/screenshot.py"])
 def test_scripts_that_use_tools_run_from_any_directory(script, tmp_path):
     # pipelines/bench.py (the GPU benchmark command) runs benchmarks/step.py, screenshot.py
