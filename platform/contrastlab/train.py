@@ -397,6 +397,8 @@ class Trainer:
             # the file holds exactly the checkpoint's history: epochs trained after the last
             # checkpoint by an interrupted attempt are trained again, not listed twice
             write_metrics(run_dir, self.history if resumed else [])
+            if self.monitor.notice:
+                self._say(self.monitor.notice, always=True)
         init = self.monitor.measure(0, t.epochs) if not resumed and self.is_main else {}
         if init:
             self._log_epoch({"epoch": 0, **init})
@@ -423,7 +425,7 @@ class Trainer:
         knn = [h["knn_top1"] for h in self.history if "knn_top1" in h and h["epoch"] > 0]
         if knn:
             final["best_knn_top1"] = max(knn)
-        if self.history and self.history[0]["epoch"] == 0:
+        if self.history and self.history[0]["epoch"] == 0 and "knn_top1" in self.history[0]:
             final["init_knn_top1"] = self.history[0]["knn_top1"]
         if self.is_main:
             summary = {
@@ -434,9 +436,15 @@ class Trainer:
             write_summary(run_dir, summary)
         return TrainResult(run_dir, self.history, final, self.method)
 
-    def _say(self, text: str) -> None:
-        if self.is_main and self.place.progress:
+    def _say(self, text: str, always: bool = False) -> None:
+        """Print ``text`` on the main worker: through tqdm with progress output, else only
+        when ``always`` (then as a plain stderr line)."""
+        if not self.is_main:
+            return
+        if self.place.progress:
             tqdm.write(text, file=sys.stderr)
+        elif always:
+            print(f"contrastlab: {text}", file=sys.stderr)
 
 
 def _stream_seed(seed: int, epoch: int, stream: int, worker: int) -> int:

@@ -34,8 +34,11 @@ def load_dataset(cfg: DataConfig) -> DatasetSplits:
 
     Returns:
         :class:`DatasetSplits` whose ``train`` may include unlabeled rows (label ``-1``, STL-10
-        with ``unlabeled=True``, or unlabeled parquet rows) and whose ``test`` is labeled. Both
-        carry the mean/std of the (possibly truncated) train images.
+        with ``unlabeled=True``, or unlabeled parquet rows; every row with ``labels: false``)
+        and whose ``test`` is labeled: the held-out split, the evaluation set's
+        (``eval_root``, whose labeled train rows are then the kNN ``memory``), or None with
+        ``labels: false`` and no evaluation set. The train split carries the mean/std of the
+        (possibly truncated) train images.
 
     Raises:
         DataError: missing or malformed dataset files; the message names the file or
@@ -52,4 +55,10 @@ def load_dataset(cfg: DataConfig) -> DatasetSplits:
             f"data.test_root is ignored for {cfg.dataset!r}, which has a fixed test split",
             stacklevel=2,
         )
-    return LOADERS[cfg.dataset](cfg)
+    splits = LOADERS[cfg.dataset](cfg)
+    if not cfg.labels:
+        splits = splits.without_labels()
+    if cfg.has_eval_set:
+        ev = cfg.eval_config()
+        splits = splits.with_eval(LOADERS[ev.dataset](ev))
+    return splits

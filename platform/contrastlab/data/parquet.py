@@ -6,6 +6,7 @@ shard needs two columns:
 * ``image``: encoded image bytes (PNG, JPEG, ...), of type ``binary`` / ``large_binary``, or a
   struct with a binary ``bytes`` field (how Hugging Face ``datasets`` stores an ``Image``);
 * ``label``: any integer type; ``-1`` or null marks an unlabeled row (kept for training only).
+  With ``data.labels: false`` it is not read and may be absent.
 
 Other columns are ignored. The held-out split is ``test_root`` (another such directory, whose
 unlabeled rows are dropped) or else a stratified split of the labeled rows of ``root``.
@@ -49,21 +50,21 @@ def _is_binary(t: pa.DataType) -> bool:
     )
 
 
-def _open_shard(path: Path) -> _Shard:
-    """Check a shard's schema and read its labels."""
+def _open_shard(path: Path, labeled: bool = True) -> _Shard:
+    """Check a shard's schema and read its labels (all -1 when not ``labeled``)."""
     try:
         pf = pq.ParquetFile(path)
         schema = pf.schema_arrow
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
     found = schema.names
-    missing = [c for c in REQUIRED_COLUMNS if c not in found]
+    missing = [c for c in REQUIRED_COLUMNS if c not in found and (labeled or c != "label")]
     if missing:
         raise DataError(
             f"{path}: missing column(s) {missing}; found columns {found}; required columns "
             f"'image' (encoded image bytes) and 'label' (integer)"
         )
-    image_t, label_t = schema.field("image").type, schema.field("label").type
+    image_t = schema.field("image").type
     struct_image = pa.types.is_struct(image_t)
     if struct_image:
         idx = image_t.get_field_index("bytes")
@@ -76,6 +77,9 @@ def _open_shard(path: Path) -> _Shard:
         raise DataError(
             f"{path}: column 'image' has type {image_t}; expected binary (encoded PNG/JPEG bytes)"
         )
+    if not labeled:
+        return _Shard(path, np.full(pf.metadata.num_rows, -1, np.int64), struct_image)
+    label_t = schema.field("label").type
     if not pa.types.is_integer(label_t):
         raise DataError(f"{path}: column 'label' has type {label_t}; expected an integer type")
     try:
@@ -92,14 +96,14 @@ def _open_shard(path: Path) -> _Shard:
     return _Shard(path, labels, struct_image)
 
 
-def _scan(directory: str, what: str) -> list[_Shard]:
+def _scan(directory: str, what: str, labeled: bool = True) -> list[_Shard]:
     p = Path(directory).expanduser()
     if not p.exists():
         raise DataError(f"{what} not found: {p} does not exist")
     paths = [p] if p.is_file() else sorted(p.glob("*.parquet"))
     if not paths:
         raise DataError(f"{p}: no *.parquet files found in this directory ({what})")
-    return [_open_shard(path) for path in paths]
+    return [_open_shard(path, labeled) for path in paths]
 
 
 def _image_bytes(shard: _Shard, rows: np.ndarray) -> Iterator[tuple[bytes, str]]:
@@ -151,9 +155,13 @@ def load_parquet(cfg: DataConfig) -> DatasetSplits:
     """
     if cfg.root is None:
         raise DataError("data.root is required for parquet")
-    shards = _scan(cfg.root, "parquet root")
+    shards = _scan(cfg.root, "parquet root", cfg.labels)
     labels = np.concatenate([s.labels for s in shards])
-    train_idx, test_idx = plan_rows(labels, cfg, split=cfg.test_root is None)
+    train_idx, test_idx = plan_rows(labels, cfg, split=cfg.test_root is None and cfg.labels)
+    name = f"parquet:{Path(cfg.root).name}"
+    if not cfg.labels:  # train on the images alone; no labeled evaluation from these shards
+        x = _decode_rows(shards, train_idx, cfg.image_size, "decoding train")
+        return build_splits(cfg, name, (x, torch.from_numpy(labels[train_idx])), None, 0)
     if test_idx is None:
         test_shards = _scan(cfg.test_root, "parquet test_root")  # type: ignore[arg-type]
         test_labels = np.concatenate([s.labels for s in test_shards])
@@ -162,7 +170,10 @@ def load_parquet(cfg: DataConfig) -> DatasetSplits:
         test_shards, test_labels = shards, labels
     all_labels = np.concatenate([labels, test_labels[test_idx]])
     if not (all_labels >= 0).any():
-        raise DataError(f"{cfg.root}: no labeled rows (every label is -1 or null)")
+        raise DataError(
+            f"{cfg.root}: no labeled rows (every label is -1 or null); to train on unlabeled "
+            "images set data.labels: false (and data.eval_root for a labeled evaluation set)"
+        )
     if test_idx.size == 0:
         where = cfg.test_root or cfg.root
         raise DataError(f"{where}: no labeled rows for the test split")
@@ -177,7 +188,7 @@ def load_parquet(cfg: DataConfig) -> DatasetSplits:
     )
     return build_splits(
         cfg,
-        name=f"parquet:{Path(cfg.root).name}",
+        name=name,
         train=train,
         test=test,
         num_classes=int(all_labels.max()) + 1,
