@@ -657,6 +657,39 @@ class DataConfig(_Strict):
         "test_fraction / split_seed into kNN memory and queries; default null: the held-out "
         "split of root (test_root or a split), or with labels: false no labeled evaluation",
     )
+    source: Literal["auto", "memory", "stream"] = Field(
+        "auto",
+        description="'memory': decode every training image once into one uint8 tensor; "
+        "'stream': read and decode parquet shards with Ray Data on CPU workers, batch by "
+        "batch, every epoch; 'auto': memory when the decoded training set (N * 3 * S * S "
+        "bytes) is under stream_above_gb, else stream (parquet only)",
+    )
+    stream_above_gb: float = Field(
+        8.0, gt=0, description="source='auto' streams training sets whose decoded size exceeds it"
+    )
+    stream_chunk_rows: int = Field(
+        64,
+        ge=1,
+        description="stream: the epoch order permutes chunks of this many consecutive rows",
+    )
+    stream_task_chunks: int = Field(
+        8,
+        ge=1,
+        description="stream: chunks one decode task mixes (their rows shuffled together); "
+        "with stream_chunk_rows it sets how far from the source order a batch can draw",
+    )
+    stream_object_store_mb: int = Field(
+        512,
+        ge=64,
+        description="stream: object store size of the local Ray a run starts when none is "
+        "running (a cluster's own setting applies otherwise)",
+    )
+    decode_errors: Literal["stop", "skip"] = Field(
+        "stop",
+        description="stream: an image that fails to decode stops the run naming its file and "
+        "row ('stop'), or is left out and counted ('skip': decode_skipped in the metrics, "
+        "a warning naming the rows; one worker only)",
+    )
 
     @model_validator(mode="after")
     def _eval_set(self) -> DataConfig:
@@ -664,6 +697,11 @@ class DataConfig(_Strict):
             raise ValueError(
                 f"data.eval_dataset={self.eval_dataset!r} needs data.eval_root (the directory "
                 "of the labeled evaluation set); only 'digits' needs none"
+            )
+        if self.source == "stream" and self.dataset != "parquet":
+            raise ValueError(
+                f"data.source='stream' reads parquet shards; data.dataset={self.dataset!r} is "
+                "decoded into memory; allowed: data.source auto/memory, or data.dataset parquet"
             )
         return self
 

@@ -58,7 +58,28 @@ def load_dataset(cfg: DataConfig) -> DatasetSplits:
     splits = LOADERS[cfg.dataset](cfg)
     if not cfg.labels:
         splits = splits.without_labels()
-    if cfg.has_eval_set:
-        ev = cfg.eval_config()
-        splits = splits.with_eval(LOADERS[ev.dataset](ev))
-    return splits
+    return with_eval_set(cfg, splits)
+
+
+def with_eval_set(cfg: DataConfig, splits: DatasetSplits) -> DatasetSplits:
+    """``splits`` evaluated on ``cfg``'s evaluation set (``eval_dataset``/``eval_root``), if it
+    names one; else ``splits`` unchanged."""
+    if not cfg.has_eval_set:
+        return splits
+    ev = cfg.eval_config()
+    return splits.with_eval(LOADERS[ev.dataset](ev))
+
+
+def resolve_source(cfg: DataConfig) -> str:
+    """``"memory"`` or ``"stream"``: ``data.source``, or for ``auto`` whether the decoded
+    training set (``N * 3 * S * S`` bytes, N read from the shards' labels) exceeds
+    ``data.stream_above_gb`` (parquet only; every other dataset is decoded into memory)."""
+    if cfg.source != "auto":
+        return cfg.source
+    if cfg.dataset != "parquet":
+        return "memory"
+    from .stream import decoded_gb, plan
+
+    return (
+        "stream" if decoded_gb(len(plan(cfg)), cfg.image_size) > cfg.stream_above_gb else "memory"
+    )
