@@ -174,6 +174,11 @@ class SupConConfig(MethodConfig):
 
     def check(self, cfg: Config) -> None:
         _in_batch_negatives(cfg)
+        if not cfg.data.labels:
+            raise ValueError(
+                "method supcon trains on labels, but data.labels is false; allowed: a "
+                "self-supervised method (e.g. simclr) or data.labels: true"
+            )
 
     @property
     def views_per_sample(self) -> int:
@@ -638,6 +643,94 @@ class DataConfig(_Strict):
         False, description="STL-10: also train on the 100k unlabeled images (label -1)"
     )
     on_device: bool = Field(True, description="hold the whole dataset as one tensor on device")
+    labels: bool = Field(
+        True,
+        description="the training images carry labels; false: train on the images alone (no "
+        "label is read or needed, parquet shards may lack the 'label' column); kNN and the "
+        "linear probe then use eval_dataset/eval_root, and without one only the label-free "
+        "monitors run (a sweep must optimise one of them)",
+    )
+    eval_dataset: Dataset | None = Field(
+        None,
+        description="format of a separate labeled evaluation set (default: data.dataset when "
+        "eval_root is set; 'digits' needs no eval_root)",
+    )
+    eval_root: str | None = Field(
+        None,
+        description="a separate labeled set for kNN and the linear probe, split by "
+        "test_fraction / split_seed into kNN memory and queries; default null: the held-out "
+        "split of root (test_root or a split), or with labels: false no labeled evaluation",
+    )
+    source: Literal["auto", "memory", "stream"] = Field(
+        "auto",
+        description="'memory': decode every training image once into one uint8 tensor; "
+        "'stream': read and decode parquet shards with Ray Data on CPU workers, batch by "
+        "batch, every epoch; 'auto': memory when the decoded training set (N * 3 * S * S "
+        "bytes) is under stream_above_gb, else stream (parquet only)",
+    )
+    stream_above_gb: float = Field(
+        8.0, gt=0, description="source='auto' streams training sets whose decoded size exceeds it"
+    )
+    stream_chunk_rows: int = Field(
+        64,
+        ge=1,
+        description="stream: the epoch order permutes chunks of this many consecutive rows",
+    )
+    stream_task_chunks: int = Field(
+        8,
+        ge=1,
+        description="stream: chunks one decode task mixes (their rows shuffled together); "
+        "with stream_chunk_rows it sets how far from the source order a batch can draw",
+    )
+    stream_object_store_mb: int = Field(
+        512,
+        ge=64,
+        description="stream: object store size of the local Ray a run starts when none is "
+        "running (a cluster's own setting applies otherwise)",
+    )
+    decode_errors: Literal["stop", "skip"] = Field(
+        "stop",
+        description="stream: an image that fails to decode stops the run naming its file and "
+        "row ('stop'), or is left out and counted ('skip': decode_skipped in the metrics, "
+        "a warning naming the rows; one worker only)",
+    )
+
+    @model_validator(mode="after")
+    def _eval_set(self) -> DataConfig:
+        if self.eval_dataset not in (None, "digits") and self.eval_root is None:
+            raise ValueError(
+                f"data.eval_dataset={self.eval_dataset!r} needs data.eval_root (the directory "
+                "of the labeled evaluation set); only 'digits' needs none"
+            )
+        if self.source == "stream" and self.dataset != "parquet":
+            raise ValueError(
+                f"data.source='stream' reads parquet shards; data.dataset={self.dataset!r} is "
+                "decoded into memory; allowed: data.source auto/memory, or data.dataset parquet"
+            )
+        return self
+
+    @property
+    def has_eval_set(self) -> bool:
+        """Whether a separate labeled evaluation set is named (``eval_dataset``/``eval_root``)."""
+        return self.eval_dataset is not None or self.eval_root is not None
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether kNN and the linear probe have labels: the training data's or an evaluation
+        set's. Known from the config alone, so a sweep is checked before any data is read."""
+        return self.labels or self.has_eval_set
+
+    def eval_config(self) -> DataConfig:
+        """The data config that loads the evaluation set: ``eval_dataset`` at ``eval_root``,
+        the same image size, split by ``test_fraction`` / ``split_seed``."""
+        return DataConfig(
+            dataset=self.eval_dataset or self.dataset,
+            root=self.eval_root,
+            image_size=self.image_size,
+            test_fraction=self.test_fraction,
+            split_seed=self.split_seed,
+            on_device=self.on_device,
+        )
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -896,6 +989,12 @@ class Config(_Strict):
         m = self.method
         if self.data.dataset != "digits" and self.data.root is None:
             raise ValueError(f"data.root is required for data.dataset={self.data.dataset!r}")
+        if self.eval.linear_probe and not self.data.has_labels:
+            raise ValueError(
+                "eval.linear_probe needs labels, but data.labels is false and no evaluation set "
+                "is named; allowed: eval.linear_probe: false, or set data.eval_root (and "
+                "data.eval_dataset)"
+            )
         m.check(self)
         return self
 

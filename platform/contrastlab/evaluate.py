@@ -331,6 +331,24 @@ def monitor_subset(n: int, size: int) -> torch.Tensor | None:
     return perm[:size].sort().values
 
 
+def unlabeled_subsets(n: int, cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The label-free monitors' memory and held-out rows of ``n`` unlabeled training images.
+
+    One fixed permutation (seed 0): the held-out rows are its first
+    ``min(cfg.monitor_test_size, n // 4)`` (``n // 4`` when that size is 0), the memory the next
+    ``cfg.monitor_train_size`` (0: all the rest); both sorted, disjoint, the same every epoch.
+
+    Returns:
+        ``(memory_rows, test_rows)``, ``int64``.
+    """
+    n_test = n // 4 if cfg.monitor_test_size == 0 else min(cfg.monitor_test_size, n // 4)
+    n_mem = n - n_test if cfg.monitor_train_size == 0 else min(cfg.monitor_train_size, n - n_test)
+    if n_test < 2 or n_mem < 2:
+        raise ValueError(f"{n} training images are too few for the label-free monitors (>= 8)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return perm[n_test : n_test + n_mem].sort().values, perm[:n_test].sort().values
+
+
 # --------------------------------------------------------------------------- label-free monitors
 #
 # Signals that need no labels, measured next to the kNN monitor: a sweep on unlabeled data can
@@ -758,12 +776,19 @@ class Monitor:
     At the last epoch also kNN on every image (``knn_full_*``) and the linear probe, when
     asked. After every epoch, :func:`diagnose` on the run's history, each kind said once.
 
+    Without a labeled evaluation set (``data.labels: false`` and no ``data.eval_root``) only
+    the label-free monitors run, on two disjoint fixed subsets of the training images (one
+    fixed permutation, seed 0): the held-out queries are its first
+    ``min(eval.monitor_test_size, N // 4)`` rows (``N // 4`` when the size is 0), the memory
+    the next ``eval.monitor_train_size`` rows (0: all the rest). :attr:`notice` says so.
+
     Args:
         encoder: the backbone whose features are measured (``[B, 3, S, S]`` float ->
             ``[B, F]``): the training model's own module, so each call sees its current weights.
         augment: the training augmentation: its ``normalize`` makes the encoder's input; its
             views are EMP-SSL's patches and the alignment pairs.
-        data: the dataset splits; the labelled training images are the kNN memory.
+        data: the dataset splits; the labelled training images (or the evaluation set's
+            ``memory``) are the kNN memory.
         cfg: the evaluation settings.
         device: where features are computed.
         seed: the run's seed (the patch draws of ``eval.feature='patch_avg'``, the probe).
@@ -788,17 +813,24 @@ class Monitor:
         self.encoder, self.augment, self.cfg, self.device = encoder, augment, cfg, device
         self.seed, self.autocast_dtype, self.channels_last = seed, autocast_dtype, channels_last
         store = device if store is None else store
-        self.num_classes = data.train.num_classes
-        self.memory_set = data.labeled_train().to(store)
-        self.test_set = data.test.to(store)
-        # the per-epoch kNN monitor's fixed subsets (rows None: the whole set), cut once
-        self.rows = (
-            monitor_subset(len(self.memory_set), cfg.monitor_train_size),
-            monitor_subset(len(self.test_set), cfg.monitor_test_size),
-        )
+        self.labeled = data.test is not None
+        if data.test is not None:
+            self.memory_set = data.labeled_train().to(store)
+            self.test_set = data.test.to(store)
+            # the per-epoch kNN monitor's fixed subsets (rows None: the whole set), cut once
+            self.rows = (
+                monitor_subset(len(self.memory_set), cfg.monitor_train_size),
+                monitor_subset(len(self.test_set), cfg.monitor_test_size),
+            )
+            sources = (self.memory_set, self.test_set)
+        else:
+            self.memory_set = self.test_set = data.train.to(store)
+            self.rows = unlabeled_subsets(len(data.train), cfg)
+            sources = (self.memory_set, self.memory_set)
+        self.num_classes = self.memory_set.num_classes
         self.sets = tuple(
             s if rows is None else s.subset(rows)
-            for s, rows in zip((self.memory_set, self.test_set), self.rows, strict=True)
+            for s, rows in zip(sources, self.rows, strict=True)
         )
         # [N, 5] and [M, 5] colour statistics of the monitor subsets (nuisance_r2's targets)
         self._nuisance: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -808,7 +840,18 @@ class Monitor:
     @property
     def is_subset(self) -> bool:
         """Whether the per-epoch kNN monitor sees only part of the memory or test set."""
-        return any(rows is not None for rows in self.rows)
+        return self.labeled and any(rows is not None for rows in self.rows)
+
+    @property
+    def notice(self) -> str | None:
+        """What a run without labels says once at its start (None when it has labels)."""
+        if self.labeled:
+            return None
+        runs = "only the label-free monitors run" if self.cfg.label_free else "no monitor runs"
+        return (
+            "no labeled evaluation set (data.labels: false and no data.eval_root): kNN metrics "
+            f"and the linear probe are off, {runs}"
+        )
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -847,6 +890,8 @@ class Monitor:
         features."""
         mem, test = (self.memory_set, self.test_set) if full else self.sets
         f_mem, f_test = self.features(mem.images), self.features(test.images)
+        if not self.labeled:  # the subsets are unlabeled training images
+            return self.label_free(f_mem, f_test) if self.cfg.label_free else {}
         out = knn_accuracy(
             f_mem,
             mem.labels.to(self.device),
@@ -933,13 +978,23 @@ class Monitor:
             out["eval_time_s"] = time.perf_counter() - t0
             if last and self.is_subset and ev.knn_full_at_end:
                 out.update(self.knn(full=True))
-        if last and ev.linear_probe:
+        if last and ev.linear_probe and self.labeled:
             out.update(self.probe())
         return out
 
     def protocol(self) -> dict[str, Any]:
         """How the numbers of :meth:`measure` are produced (a run's ``protocol.json``)."""
         ev = self.cfg
+        if not self.labeled:
+            prot: dict[str, Any] = {"knn": {"off": self.notice}}
+            if ev.label_free:
+                prot["label_free"] = {
+                    **protocol(ev, "label_free"),
+                    "memory_size": len(self.sets[0]),
+                    "test_size": len(self.sets[1]),
+                    "images": "disjoint fixed subsets of the unlabeled training images",
+                }
+            return prot
         prot = {
             "knn": protocol(
                 ev,

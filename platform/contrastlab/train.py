@@ -12,7 +12,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from contrastlab import evaluate
 from contrastlab.augment import BatchAugment
 from contrastlab.config import Config, ConfigError, saved_config
-from contrastlab.data import DatasetSplits, load_dataset
+from contrastlab.data import DatasetSplits, load_dataset, stream
+from contrastlab.data.load import resolve_source, with_eval_set
 from contrastlab.distributed import (
     all_reduce_mean,
     average_gradients,
@@ -51,6 +52,9 @@ from contrastlab.tracking import source_digest
 
 Hook = Callable[[int, dict[str, float], Path | None], None]
 """``hook(epoch, metrics, checkpoint_path)``, called after each epoch on every worker."""
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""``(uint8 [b, 3, S, S] images, int64 [b] labels, int64 [b] row index)`` on the device."""
 
 
 class DivergenceError(RuntimeError):
@@ -118,10 +122,29 @@ class Trainer:
         t = cfg.train
         _seed_everything(t.seed, t.deterministic)
 
-        data = data if data is not None else load_dataset(cfg.data)
+        # Batch order (CPU) and augmentation (device) generators are re-seeded at the start of
+        # every epoch from (seed, epoch, rank), so a run resumed at an epoch boundary draws
+        # exactly what the uninterrupted run would have, on every worker.
+        self.order_gen = torch.Generator()
+        self.aug_gen = torch.Generator(device=self.device)
         store = self.device if cfg.data.on_device else torch.device("cpu")
-        self.train_set = data.train.to(store)
-        n = len(self.train_set)
+        # where the training batches come from: `batches(epoch, steps)` yields this worker's
+        # (uint8 images, labels, row index) on the device, from memory or streamed
+        self.source = "memory" if data is not None else resolve_source(cfg.data)
+        self.batches: Callable[[int, int], Iterator[Batch]]
+        if self.source == "stream":
+            plan = stream.plan(cfg.data)
+            data = with_eval_set(cfg.data, stream.monitor_splits(cfg.data, cfg.eval, plan))
+            self.stream = stream.StreamBatches(
+                plan, cfg.data, t.seed, t.batch_size, self.rank, self.world, self.device
+            )
+            self.batches = self.stream.epoch
+            n = len(plan)
+        else:
+            data = data if data is not None else load_dataset(cfg.data)
+            self.train_set = data.train.to(store)
+            self.batches = self._memory_batches
+            n = len(self.train_set)
         if t.batch_size > n:
             raise ConfigError(
                 f"train.batch_size ({t.batch_size}) is larger than the training set "
@@ -160,11 +183,6 @@ class Trainer:
             channels_last=self.channels_last,
         )
 
-        # Batch order (CPU) and augmentation (device) generators are re-seeded at the start of
-        # every epoch from (seed, epoch, rank), so a run resumed at an epoch boundary draws
-        # exactly what the uninterrupted run would have, on every worker.
-        self.order_gen = torch.Generator()
-        self.aug_gen = torch.Generator(device=self.device)
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -287,12 +305,8 @@ class Trainer:
         """One pass over the training set; returns the epoch's mean metrics."""
         cfg, t = self.cfg, self.cfg.train
         self.method.train()
-        n = len(self.train_set)
         self.order_gen.manual_seed(_stream_seed(t.seed, self.epoch, 0, 0))  # same on all ranks
         self.aug_gen.manual_seed(_stream_seed(t.seed, self.epoch, 1, self.rank))
-        # moved once per epoch to where the data lives: no per-step index copies
-        perm = torch.randperm(n, generator=self.order_gen).to(self.train_set.images.device)
-        lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
         sums: dict[str, torch.Tensor] = {}
         bar = tqdm(
             total=self.steps_per_epoch,
@@ -303,12 +317,9 @@ class Trainer:
             dynamic_ncols=True,
         )
         start = time.perf_counter()
-        for i in range(self.steps_per_epoch):
-            # the global batch is shared out: this worker takes its contiguous slice
-            idx = perm[i * t.batch_size : (i + 1) * t.batch_size][lo:hi]
-            images = self.train_set.images[idx].to(self.device, non_blocking=True)
-            labels = self.train_set.labels[idx].to(self.device)
-            idx = idx.to(self.device)
+        steps = 0
+        for i, (images, labels, idx) in enumerate(self.batches(self.epoch, self.steps_per_epoch)):
+            steps = i + 1
             lr = lr_at(self.step, self.total_steps, self.steps_per_epoch, cfg.optim)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
@@ -316,7 +327,7 @@ class Trainer:
             # metrics stay on the device; the host reads them once per log interval
             for k, v in metrics.items():
                 sums[k] = sums[k] + v if k in sums else v.clone()
-            if (i + 1) % t.log_every == 0 or i + 1 == self.steps_per_epoch:
+            if steps % t.log_every == 0 or steps == self.steps_per_epoch:
                 running = (sums["loss"] / (i + 1)).item()  # the one host sync per interval
                 self._guard(running, i + 1)
                 bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.3g}")
@@ -325,15 +336,32 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-        out = {k: all_reduce_mean(v / self.steps_per_epoch).item() for k, v in sums.items()}
-        self._guard(out["loss"], self.steps_per_epoch)
-        views_per_epoch = self.steps_per_epoch * t.batch_size * self.method.n_views
+        out = {k: all_reduce_mean(v / steps).item() for k, v in sums.items()}
+        self._guard(out["loss"], steps)
+        views_per_epoch = steps * t.batch_size * self.method.n_views
         out.update(lr=lr, epoch_time_s=elapsed, views_per_s=views_per_epoch / elapsed)
         # cumulative over the run, continued from the checkpoint's history on resume
         spent = next((h for h in reversed(self.history) if "train_seconds" in h), {})
         out["train_seconds"] = spent.get("train_seconds", 0.0) + elapsed
         out["views_seen"] = spent.get("views_seen", 0.0) + float(views_per_epoch)
+        if self.source == "stream" and self.cfg.data.decode_errors == "skip":
+            out["decode_skipped"] = float(self.stream.skipped)
         return out
+
+    def _memory_batches(self, epoch: int, steps: int) -> Iterator[Batch]:
+        """The in-memory batch source: this worker's slice of each global batch of a random
+        permutation from the epoch's order generator (seeded by :meth:`train_epoch`)."""
+        t = self.cfg.train
+        # moved once per epoch to where the data lives: no per-step index copies
+        perm = torch.randperm(len(self.train_set), generator=self.order_gen)
+        perm = perm.to(self.train_set.images.device)
+        lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
+        for i in range(steps):
+            # the global batch is shared out: this worker takes its contiguous slice
+            idx = perm[i * t.batch_size : (i + 1) * t.batch_size][lo:hi]
+            images = self.train_set.images[idx].to(self.device, non_blocking=True)
+            labels = self.train_set.labels[idx].to(self.device)
+            yield images, labels, idx.to(self.device)
 
     def train_step(
         self, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor
@@ -401,6 +429,8 @@ class Trainer:
             # the file holds exactly the checkpoint's history: epochs trained after the last
             # checkpoint by an interrupted attempt are trained again, not listed twice
             write_metrics(run_dir, self.history if resumed else [])
+            if self.monitor.notice:
+                self._say(self.monitor.notice, always=True)
         init = self.monitor.measure(0, t.epochs) if not resumed and self.is_main else {}
         if init:
             self._log_epoch({"epoch": 0, **init})
@@ -427,7 +457,7 @@ class Trainer:
         knn = [h["knn_top1"] for h in self.history if "knn_top1" in h and h["epoch"] > 0]
         if knn:
             final["best_knn_top1"] = max(knn)
-        if self.history and self.history[0]["epoch"] == 0:
+        if self.history and self.history[0]["epoch"] == 0 and "knn_top1" in self.history[0]:
             final["init_knn_top1"] = self.history[0]["knn_top1"]
         if self.is_main:
             summary = {
@@ -438,9 +468,15 @@ class Trainer:
             write_summary(run_dir, summary)
         return TrainResult(run_dir, self.history, final, self.method)
 
-    def _say(self, text: str) -> None:
-        if self.is_main and self.place.progress:
+    def _say(self, text: str, always: bool = False) -> None:
+        """Print ``text`` on the main worker: through tqdm with progress output, else only
+        when ``always`` (then as a plain stderr line)."""
+        if not self.is_main:
+            return
+        if self.place.progress:
             tqdm.write(text, file=sys.stderr)
+        elif always:
+            print(f"contrastlab: {text}", file=sys.stderr)
 
 
 def _stream_seed(seed: int, epoch: int, stream: int, worker: int) -> int:

@@ -122,30 +122,65 @@ class ImageDataset:
 
 @dataclass(frozen=True, eq=False)
 class DatasetSplits:
-    """The train split SSL trains on and the labeled held-out split used for evaluation.
+    """The train split SSL trains on and the labeled split(s) used for evaluation.
 
     Attributes:
-        train: training images; may contain unlabeled rows (label ``-1``).
-        test: labeled held-out images (kNN monitor / linear probe evaluation).
+        train: training images; may contain unlabeled rows (label ``-1``), or only such rows.
+        test: labeled held-out images (kNN queries / linear probe evaluation), or None when
+            there is no labeled evaluation set (``data.labels: false`` without
+            ``data.eval_root``): then only the label-free monitors run.
+        memory: the labeled kNN memory and probe training set when it comes from a separate
+            evaluation set (``data.eval_root``); None: the labeled rows of ``train``.
     """
 
     train: ImageDataset
-    test: ImageDataset
+    test: ImageDataset | None
+    memory: ImageDataset | None = None
+
+    @property
+    def labeled(self) -> bool:
+        """Whether there is a labeled evaluation set (kNN, linear probe)."""
+        return self.test is not None
 
     def labeled_train(self) -> ImageDataset:
-        """The labeled rows of ``train``: the kNN memory bank and the probe's training set.
+        """The kNN memory bank and the probe's training set: ``memory`` when an evaluation set
+        gives one, else the labeled rows of ``train``.
 
         Returns:
             ``train`` itself when every row is labeled, else a filtered copy.
         """
+        if self.memory is not None:
+            return self.memory
         mask = self.train.labels >= 0
         if bool(mask.all()):
             return self.train
         return self.train.subset(mask, name=f"{self.train.name}[labeled]")
 
+    def without_labels(self) -> DatasetSplits:
+        """Train on the images alone (``data.labels: false``): every train label -1, no test.
+
+        Returns:
+            Splits with an unlabeled ``train`` and neither ``test`` nor ``memory``.
+        """
+        train = replace(
+            self.train, labels=torch.full_like(self.train.labels, -1), num_classes=0, classes=()
+        )
+        return DatasetSplits(train=train, test=None)
+
+    def with_eval(self, ev: DatasetSplits) -> DatasetSplits:
+        """These training images, evaluated on ``ev``: its labeled train rows are the kNN
+        memory, its test split the queries."""
+        if ev.test is None:
+            raise DataError(f"{ev.train.name}: the evaluation set has no labeled test split")
+        return DatasetSplits(train=self.train, test=ev.test, memory=ev.labeled_train())
+
     def to(self, device: torch.device | str) -> DatasetSplits:
-        """Both splits on ``device``."""
-        return DatasetSplits(train=self.train.to(device), test=self.test.to(device))
+        """Every split on ``device``."""
+        return DatasetSplits(
+            train=self.train.to(device),
+            test=None if self.test is None else self.test.to(device),
+            memory=None if self.memory is None else self.memory.to(device),
+        )
 
 
 # --------------------------------------------------------------------------- pixels
@@ -294,7 +329,7 @@ def build_splits(
     cfg: DataConfig,
     name: str,
     train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor] | None,
     num_classes: int,
     classes: Sequence[str] = (),
 ) -> DatasetSplits:
@@ -304,25 +339,28 @@ def build_splits(
         cfg: data config (``max_train_samples``, ``split_seed``).
         name: dataset name; the splits are named ``"<name>/train"`` and ``"<name>/test"``.
         train: ``(uint8 [N, 3, S, S], int64 [N])`` training images and labels.
-        test: the same for the held-out split (labeled).
+        test: the same for the held-out split (labeled), or None (no labeled evaluation).
         num_classes: class count of the dataset.
         classes: class names, if known.
 
     Returns:
         The :class:`DatasetSplits`; both splits carry the train mean/std.
     """
-    (x_train, y_train), (x_test, y_test) = train, test
+    x_train, y_train = train
     keep = truncate_indices(len(y_train), cfg.max_train_samples, cfg.split_seed)
     if keep is not None:
         x_train, y_train = x_train[keep], y_train[keep]
-    if len(y_test) == 0:
+    if test is not None and len(test[1]) == 0:
         raise DataError(f"{name}: the test split is empty (no labeled held-out images)")
     mean, std = channel_stats(x_train)
 
     def wrap(x: torch.Tensor, y: torch.Tensor, split: str) -> ImageDataset:
         return ImageDataset(x, y, num_classes, mean, std, f"{name}/{split}", tuple(classes))
 
-    return DatasetSplits(train=wrap(x_train, y_train, "train"), test=wrap(x_test, y_test, "test"))
+    return DatasetSplits(
+        train=wrap(x_train, y_train, "train"),
+        test=None if test is None else wrap(*test, "test"),
+    )
 
 
 def plan_rows(

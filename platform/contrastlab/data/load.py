@@ -34,8 +34,11 @@ def load_dataset(cfg: DataConfig) -> DatasetSplits:
 
     Returns:
         :class:`DatasetSplits` whose ``train`` may include unlabeled rows (label ``-1``, STL-10
-        with ``unlabeled=True``, or unlabeled parquet rows) and whose ``test`` is labeled. Both
-        carry the mean/std of the (possibly truncated) train images.
+        with ``unlabeled=True``, or unlabeled parquet rows; every row with ``labels: false``)
+        and whose ``test`` is labeled: the held-out split, the evaluation set's
+        (``eval_root``, whose labeled train rows are then the kNN ``memory``), or None with
+        ``labels: false`` and no evaluation set. The train split carries the mean/std of the
+        (possibly truncated) train images.
 
     Raises:
         DataError: missing or malformed dataset files; the message names the file or
@@ -52,4 +55,31 @@ def load_dataset(cfg: DataConfig) -> DatasetSplits:
             f"data.test_root is ignored for {cfg.dataset!r}, which has a fixed test split",
             stacklevel=2,
         )
-    return LOADERS[cfg.dataset](cfg)
+    splits = LOADERS[cfg.dataset](cfg)
+    if not cfg.labels:
+        splits = splits.without_labels()
+    return with_eval_set(cfg, splits)
+
+
+def with_eval_set(cfg: DataConfig, splits: DatasetSplits) -> DatasetSplits:
+    """``splits`` evaluated on ``cfg``'s evaluation set (``eval_dataset``/``eval_root``), if it
+    names one; else ``splits`` unchanged."""
+    if not cfg.has_eval_set:
+        return splits
+    ev = cfg.eval_config()
+    return splits.with_eval(LOADERS[ev.dataset](ev))
+
+
+def resolve_source(cfg: DataConfig) -> str:
+    """``"memory"`` or ``"stream"``: ``data.source``, or for ``auto`` whether the decoded
+    training set (``N * 3 * S * S`` bytes, N read from the shards' labels) exceeds
+    ``data.stream_above_gb`` (parquet only; every other dataset is decoded into memory)."""
+    if cfg.source != "auto":
+        return cfg.source
+    if cfg.dataset != "parquet":
+        return "memory"
+    from .stream import decoded_gb, plan
+
+    return (
+        "stream" if decoded_gb(len(plan(cfg)), cfg.image_size) > cfg.stream_above_gb else "memory"
+    )

@@ -6,6 +6,7 @@ shard needs two columns:
 * ``image``: encoded image bytes (PNG, JPEG, ...), of type ``binary`` / ``large_binary``, or a
   struct with a binary ``bytes`` field (how Hugging Face ``datasets`` stores an ``Image``);
 * ``label``: any integer type; ``-1`` or null marks an unlabeled row (kept for training only).
+  With ``data.labels: false`` it is not read and may be absent.
 
 Other columns are ignored. The held-out split is ``test_root`` (another such directory, whose
 unlabeled rows are dropped) or else a stratified split of the labeled rows of ``root``.
@@ -35,7 +36,9 @@ REQUIRED_COLUMNS = ("image", "label")
 
 
 @dataclass(frozen=True)
-class _Shard:
+class Shard:
+    """One opened parquet shard: where it is, its labels and its image column's layout."""
+
     loc: Location  # the filesystem the shard is on
     path: str  # its path there
     name: str  # how messages name it: the local path or the URI
@@ -53,8 +56,8 @@ def _is_binary(t: pa.DataType) -> bool:
     )
 
 
-def _open_shard(loc: Location, file: str) -> _Shard:
-    """Check a shard's schema and read its labels."""
+def _open_shard(loc: Location, file: str, labeled: bool = True) -> Shard:
+    """Check a shard's schema and read its labels (all -1 when not ``labeled``)."""
     path = loc.name(file)
     try:
         pf = pq.ParquetFile(file, filesystem=loc.fs)
@@ -62,13 +65,13 @@ def _open_shard(loc: Location, file: str) -> _Shard:
     except (OSError, pa.ArrowException) as e:
         raise storage_error(path, e, "not a readable parquet file") from None
     found = schema.names
-    missing = [c for c in REQUIRED_COLUMNS if c not in found]
+    missing = [c for c in REQUIRED_COLUMNS if c not in found and (labeled or c != "label")]
     if missing:
         raise DataError(
             f"{path}: missing column(s) {missing}; found columns {found}; required columns "
             f"'image' (encoded image bytes) and 'label' (integer)"
         )
-    image_t, label_t = schema.field("image").type, schema.field("label").type
+    image_t = schema.field("image").type
     struct_image = pa.types.is_struct(image_t)
     if struct_image:
         idx = image_t.get_field_index("bytes")
@@ -81,6 +84,9 @@ def _open_shard(loc: Location, file: str) -> _Shard:
         raise DataError(
             f"{path}: column 'image' has type {image_t}; expected binary (encoded PNG/JPEG bytes)"
         )
+    if not labeled:
+        return Shard(loc, file, path, np.full(pf.metadata.num_rows, -1, np.int64), struct_image)
+    label_t = schema.field("label").type
     if not pa.types.is_integer(label_t):
         raise DataError(f"{path}: column 'label' has type {label_t}; expected an integer type")
     try:
@@ -94,7 +100,7 @@ def _open_shard(loc: Location, file: str) -> _Shard:
             f"{path}: row {bad[0]}: label {labels[bad[0]]} is negative "
             f"(labels are 0..K-1, or -1 / null for unlabeled)"
         )
-    return _Shard(loc, file, path, labels, struct_image)
+    return Shard(loc, file, path, labels, struct_image)
 
 
 def shard_files(directory: str, what: str) -> tuple[Location, list[pafs.FileInfo]]:
@@ -112,14 +118,16 @@ def shard_files(directory: str, what: str) -> tuple[Location, list[pafs.FileInfo
     return loc, [i for i in list_files(loc, recursive=False) if i.base_name.endswith(".parquet")]
 
 
-def _scan(directory: str, what: str) -> list[_Shard]:
+def scan_shards(directory: str, what: str, labeled: bool = True) -> list[Shard]:
+    """Every shard of ``directory`` (a local path or URI), opened: schema checked, labels read
+    (all -1 when not ``labeled``)."""
     loc, files = shard_files(directory, what)
     if not files:
         raise DataError(f"{loc.name()}: no *.parquet files found in this directory ({what})")
-    return [_open_shard(loc, f.path) for f in files]
+    return [_open_shard(loc, f.path, labeled) for f in files]
 
 
-def _image_bytes(shard: _Shard, rows: np.ndarray) -> Iterator[tuple[bytes, str]]:
+def _image_bytes(shard: Shard, rows: np.ndarray) -> Iterator[tuple[bytes, str]]:
     """``(encoded bytes, "<file>: row <i>")`` for the given rows of one shard, in order."""
     if rows.size == 0:
         return
@@ -137,7 +145,7 @@ def _image_bytes(shard: _Shard, rows: np.ndarray) -> Iterator[tuple[bytes, str]]
         yield data, where
 
 
-def _decode_rows(shards: list[_Shard], index: np.ndarray, size: int, desc: str) -> torch.Tensor:
+def decode_rows(shards: list[Shard], index: np.ndarray, size: int, desc: str) -> torch.Tensor:
     """Decode the rows ``index`` (global, sorted) of the concatenated shards."""
     offsets = np.cumsum([0] + [len(s.labels) for s in shards])
 
@@ -168,33 +176,40 @@ def load_parquet(cfg: DataConfig) -> DatasetSplits:
     """
     if cfg.root is None:
         raise DataError("data.root is required for parquet")
-    shards = _scan(cfg.root, "parquet root")
+    shards = scan_shards(cfg.root, "parquet root", cfg.labels)
     labels = np.concatenate([s.labels for s in shards])
-    train_idx, test_idx = plan_rows(labels, cfg, split=cfg.test_root is None)
+    train_idx, test_idx = plan_rows(labels, cfg, split=cfg.test_root is None and cfg.labels)
+    name = f"parquet:{PurePosixPath(cfg.root.rstrip('/')).name}"
+    if not cfg.labels:  # train on the images alone; no labeled evaluation from these shards
+        x = decode_rows(shards, train_idx, cfg.image_size, "decoding train")
+        return build_splits(cfg, name, (x, torch.from_numpy(labels[train_idx])), None, 0)
     if test_idx is None:
-        test_shards = _scan(cfg.test_root, "parquet test_root")  # type: ignore[arg-type]
+        test_shards = scan_shards(cfg.test_root, "parquet test_root")  # type: ignore[arg-type]
         test_labels = np.concatenate([s.labels for s in test_shards])
         test_idx = np.flatnonzero(test_labels >= 0)  # evaluation needs labels
     else:
         test_shards, test_labels = shards, labels
     all_labels = np.concatenate([labels, test_labels[test_idx]])
     if not (all_labels >= 0).any():
-        raise DataError(f"{cfg.root}: no labeled rows (every label is -1 or null)")
+        raise DataError(
+            f"{cfg.root}: no labeled rows (every label is -1 or null); to train on unlabeled "
+            "images set data.labels: false (and data.eval_root for a labeled evaluation set)"
+        )
     if test_idx.size == 0:
         where = cfg.test_root or cfg.root
         raise DataError(f"{where}: no labeled rows for the test split")
     s = cfg.image_size
     train = (
-        _decode_rows(shards, train_idx, s, "decoding train"),
+        decode_rows(shards, train_idx, s, "decoding train"),
         torch.from_numpy(labels[train_idx]),
     )
     test = (
-        _decode_rows(test_shards, test_idx, s, "decoding test"),
+        decode_rows(test_shards, test_idx, s, "decoding test"),
         torch.from_numpy(test_labels[test_idx]),
     )
     return build_splits(
         cfg,
-        name=f"parquet:{PurePosixPath(cfg.root.rstrip('/')).name}",
+        name=name,
         train=train,
         test=test,
         num_classes=int(all_labels.max()) + 1,

@@ -35,10 +35,12 @@ from contrastlab.config import Config, ConfigError, make_config, saved_config
 from contrastlab.distributed import exit_spawned_worker
 from contrastlab.rundir import RunPlace, read_metrics
 
-COMPARED = ("loss", "knn_top1", "knn_top5")
+# rankme: what a run on unlabeled data (no kNN) is compared by besides its loss
+COMPARED = ("loss", "knn_top1", "knn_top5", "rankme")
 THREADS_TAG = tracking.THREADS_TAG
-GPU_TOLERANCE = {"knn_top1": 0.5, "knn_top5": 0.5, "loss": 0.01}
-"""Allowed |difference| off CPU: kNN in percentage points, loss relative."""
+GPU_TOLERANCE = {"knn_top1": 0.5, "knn_top5": 0.5, "loss": 0.01, "rankme": 0.01}
+"""Allowed |difference| off CPU: kNN in percentage points, loss and rankme relative."""
+_RELATIVE = ("loss", "rankme")
 
 
 @dataclass
@@ -351,7 +353,7 @@ def reproduce(
             if key not in h or ep not in orig:
                 continue
             diff = h[key] - orig[ep]
-            allowed = tol.get(key, 0.0) * (abs(orig[ep]) if key == "loss" else 1.0)
+            allowed = tol.get(key, 0.0) * (abs(orig[ep]) if key in _RELATIVE else 1.0)
             match = abs(diff) <= allowed
             ok &= match
             rows.append(

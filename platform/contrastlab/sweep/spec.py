@@ -475,6 +475,12 @@ def metric_errors(
                 f"base.eval.label_free: is false, but metric: {metric} is a label-free monitor "
                 "that needs it; allowed: eval: {label_free: true}"
             )
+    if metric in KNN_METRICS and not base_cfg.data.has_labels:
+        errs.append(
+            f"metric: {metric} needs labels, but base.data.labels is false and no labeled "
+            "evaluation set is named (data.eval_root / data.eval_dataset); allowed: a label-free "
+            f"metric ({', '.join(LABEL_FREE_METRICS)}) or name a labeled evaluation set"
+        )
     if metric in KNN_METRICS or metric in LABEL_FREE_METRICS:
         if "eval.knn_every" in searched:
             errs.append(f"params.eval.knn_every: cannot be searched with metric: {metric}")

@@ -1,0 +1,394 @@
+"""Training images streamed from parquet shards with Ray Data, for sets too large to hold.
+
+Each epoch, every worker builds a Ray Data pipeline of its own rows: ``from_items`` of decode
+tasks (row positions), ``map_batches`` reading those rows' row groups with pyarrow and
+decoding them with PIL on CPU workers (any node of the cluster with CPUs), consumed with
+``iter_torch_batches`` as ``uint8 [B, 3, S, S]`` + labels + row positions; the batched device
+augmentation then runs as for in-memory data. Ray Data's own ``read_parquet`` gives no row
+position, and a dataset split by ``streaming_split`` / ``ray.train.get_dataset_shard`` hands
+rows to workers as they ask, so the order would depend on timing: here the epoch order is
+computed from ``(seed, epoch)`` alone (:func:`epoch_order`) and shared out like the in-memory
+order (each worker its slice of every global batch, :func:`worker_positions`), so a resumed run
+sees what the uninterrupted one saw and every image appears once per epoch across workers.
+
+The kNN / label-free monitors' fixed subsets are decoded once into memory
+(:func:`monitor_splits`); the augmentation's mean/std come from that pool of training images.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ..config import DataConfig, EvalConfig
+from .core import DataError, DatasetSplits, ImageDataset, channel_stats, plan_rows
+from .decode import decode_image
+
+# the shard scan and the row decoder are the parquet loader's: one reading of the format
+from .fs import open_fs
+from .parquet import Shard, decode_rows, scan_shards
+
+
+def decoded_gb(n: int, size: int) -> float:
+    """Decoded size of ``n`` uint8 RGB images of ``size`` px, in GB (1e9 bytes)."""
+    return n * 3 * size * size / 1e9
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What a worker needs to read its rows: picklable, no decoded pixels.
+
+    Attributes:
+        paths: shard files, in name order.
+        struct_image: per shard, whether ``image`` is a struct with a ``bytes`` field.
+        offsets: ``int64 [shards + 1]`` global row offset of each shard.
+        rows: ``int64 [n]`` global row of each training position (after split / truncation).
+        labels: ``int64 [n]`` label of each training position (-1 unlabeled).
+        size: output side length.
+    """
+
+    paths: tuple[str, ...]
+    struct_image: tuple[bool, ...]
+    offsets: np.ndarray
+    rows: np.ndarray
+    labels: np.ndarray
+    size: int
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def where(self, position: int) -> str:
+        """``"<file>: row <i>"`` of a training position."""
+        row = int(self.rows[position])
+        k = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        return f"{self.paths[k]}: row {row - int(self.offsets[k])}"
+
+
+def scan(cfg: DataConfig) -> tuple[list[Shard], np.ndarray, np.ndarray, np.ndarray | None]:
+    """Shards of ``cfg.root``, their labels, and the train / held-out rows (no decoding)."""
+    if cfg.root is None:
+        raise DataError("data.root is required for parquet")
+    shards = scan_shards(cfg.root, "parquet root", cfg.labels)
+    labels = np.concatenate([s.labels for s in shards])
+    train_idx, test_idx = plan_rows(labels, cfg, split=cfg.test_root is None and cfg.labels)
+    return shards, labels, train_idx, test_idx
+
+
+def plan(cfg: DataConfig) -> StreamPlan:
+    """The :class:`StreamPlan` of ``cfg``'s training rows."""
+    shards, labels, train_idx, _ = scan(cfg)
+    return StreamPlan(
+        paths=tuple(s.name for s in shards),  # local path or URI
+        struct_image=tuple(s.struct_image for s in shards),
+        offsets=np.cumsum([0] + [len(s.labels) for s in shards]).astype(np.int64),
+        rows=train_idx,
+        labels=labels[train_idx],
+        size=cfg.image_size,
+    )
+
+
+# --------------------------------------------------------------------------- the order
+
+
+def epoch_order(n: int, seed: int, epoch: int, chunk_rows: int, task_chunks: int) -> np.ndarray:
+    """The epoch's order of the ``n`` training positions, from ``(seed, epoch)`` alone.
+
+    Chunks of ``chunk_rows`` consecutive positions are permuted, then the positions inside each
+    run of ``task_chunks`` chunks are shuffled together: reads stay chunk-sized while a batch
+    draws from ``task_chunks`` places of the dataset.
+
+    Returns:
+        ``int64 [n]``, a permutation of ``range(n)``.
+    """
+    rng = np.random.default_rng([seed, epoch, 2])
+    starts = rng.permutation(math.ceil(n / chunk_rows)) * chunk_rows
+    order = np.concatenate([np.arange(s, min(s + chunk_rows, n)) for s in starts])
+    group = chunk_rows * task_chunks
+    for lo in range(0, n, group):
+        order[lo : lo + group] = rng.permutation(order[lo : lo + group])
+    return order.astype(np.int64)
+
+
+def worker_positions(
+    order: np.ndarray, batch_size: int, rank: int, world: int, steps: int
+) -> np.ndarray:
+    """The positions worker ``rank`` of ``world`` trains on, in order: its contiguous slice of
+    each of the ``steps`` global batches of ``order`` (as the in-memory path shares them)."""
+    local = batch_size // world
+    batches = order[: steps * batch_size].reshape(steps, world, local)
+    return batches[:, rank].reshape(-1)
+
+
+# --------------------------------------------------------------------------- decode tasks
+
+
+def _read_rows(path: str, struct_image: bool, local: np.ndarray) -> list[bytes | None]:
+    """Encoded bytes of the rows ``local`` (sorted) of one shard, reading only their row
+    groups."""
+    loc = open_fs(path)  # a local shard, or one on object storage
+    pf = pq.ParquetFile(loc.path, filesystem=loc.fs)
+    sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+    starts = np.cumsum([0, *sizes])
+    groups = np.unique(np.searchsorted(starts, local, side="right") - 1)
+    col = pf.read_row_groups(groups.tolist(), columns=["image"]).column("image")
+    # rows of the groups read, renumbered from the first group read
+    first = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in groups])
+    col = col.take(pa.array(np.searchsorted(first, local)))
+    if struct_image:
+        col = pa.chunked_array([c.field("bytes") for c in col.chunks], col.type.field("bytes").type)
+    return col.to_pylist()
+
+
+def decode_task(batch: dict[str, np.ndarray], plan: StreamPlan) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: decode the positions of one task, in their order.
+
+    A row that fails to decode comes back with ``ok`` 0 and a zero image; the consumer stops
+    or counts it (``data.decode_errors``), so no failure passes silently.
+
+    Returns:
+        ``image uint8 [m, 3, S, S]``, ``label``, ``index`` (training position), ``ok`` (1/0).
+    """
+    pos = np.concatenate([np.asarray(p, dtype=np.int64).reshape(-1) for p in batch["pos"]])
+    rows = plan.rows[pos]
+    shard = np.searchsorted(plan.offsets, rows, side="right") - 1
+    data: list[bytes | None] = [None] * len(pos)
+    for k in np.unique(shard):
+        sel = np.flatnonzero(shard == k)
+        local = rows[sel] - plan.offsets[k]
+        ordered = np.argsort(local, kind="stable")
+        got = _read_rows(plan.paths[k], plan.struct_image[k], local[ordered])
+        for j, b in zip(sel[ordered], got, strict=True):
+            data[j] = b
+    s = plan.size
+    images = np.zeros((len(pos), s, s, 3), np.uint8)
+    ok = np.ones(len(pos), np.uint8)
+    for j, b in enumerate(data):
+        try:
+            if b is None:
+                raise DataError("image bytes are null")
+            images[j] = decode_image(b, s, "")
+        except DataError:
+            ok[j] = 0
+    return {
+        "image": np.ascontiguousarray(images.transpose(0, 3, 1, 2)),
+        "label": plan.labels[pos],
+        "index": pos,
+        "ok": ok,
+    }
+
+
+def ensure_ray(object_store_mb: int) -> None:
+    """Start a local Ray (bounded object store) when none is running, and say so."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(
+        num_cpus=os.cpu_count(),
+        object_store_memory=object_store_mb * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    print(
+        f"contrastlab: data.source=stream started a local Ray ({os.cpu_count()} CPUs, "
+        f"{object_store_mb} MB object store) to decode the shards",
+        file=sys.stderr,
+    )
+
+
+class StreamBatches:
+    """This worker's training batches of an epoch, streamed through Ray Data.
+
+    Args:
+        plan: the training rows.
+        cfg: data config (chunking, ``decode_errors``, object store size).
+        seed: the run's seed: with the epoch it fixes the order.
+        batch_size: the global batch; ``world`` workers each take ``batch_size // world``.
+        rank: this worker.
+        world: the number of workers.
+        device: where the batches go.
+    """
+
+    def __init__(
+        self,
+        plan: StreamPlan,
+        cfg: DataConfig,
+        seed: int,
+        batch_size: int,
+        rank: int,
+        world: int,
+        device: torch.device,
+    ) -> None:
+        if cfg.decode_errors == "skip" and world > 1:
+            raise DataError(
+                "data.decode_errors='skip' changes a worker's batch count; with "
+                f"{world} workers use 'stop' (workers step together)"
+            )
+        self.plan, self.cfg, self.seed = plan, cfg, seed
+        self.batch_size, self.rank, self.world, self.device = batch_size, rank, world, device
+        self.local = batch_size // world
+        self.skipped = 0  # rows left out by decode_errors='skip', over the run
+        ensure_ray(cfg.stream_object_store_mb)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def positions(self, epoch: int, steps: int) -> np.ndarray:
+        """This worker's training positions in epoch ``epoch`` (0-based), in order."""
+        c = self.cfg
+        order = epoch_order(
+            len(self.plan), self.seed, epoch, c.stream_chunk_rows, c.stream_task_chunks
+        )
+        return worker_positions(order, self.batch_size, self.rank, self.world, steps)
+
+    def dataset(self, positions: np.ndarray):  # -> ray.data.Dataset
+        """The Ray Data pipeline decoding ``positions`` in order."""
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # the order is ours, not the scheduler's
+        ctx.enable_progress_bars = False
+        task = self.cfg.stream_chunk_rows * self.cfg.stream_task_chunks
+        items = [{"pos": positions[lo : lo + task]} for lo in range(0, len(positions), task)]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        return ds.map_batches(decode_task, batch_size=1, fn_kwargs={"plan": self.plan})
+
+    def epoch(
+        self, epoch: int, steps: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(uint8 [b, 3, S, S], int64 [b] labels, int64 [b] positions)`` on the device, the
+        epoch's ``steps`` batches of this worker (fewer rows at the end when rows were
+        skipped)."""
+        pending: list[dict[str, torch.Tensor]] = []
+        held = 0
+        skipped: list[str] = []
+        ds = self.dataset(self.positions(epoch, steps))
+        for b in ds.iter_torch_batches(batch_size=self.local, device="cpu"):
+            bad = b["ok"] == 0
+            if bool(bad.any()):
+                for p in b["index"][bad].tolist():
+                    where = self.plan.where(p)
+                    if self.cfg.decode_errors == "stop":
+                        raise DataError(
+                            f"{self._why(p, where)}; data.decode_errors='skip' would "
+                            "leave it out and count it"
+                        )
+                    skipped.append(where)
+                b = {k: v[~bad] for k, v in b.items()}
+            pending.append(b)
+            held += len(b["index"])
+            while held >= self.local:
+                batch, pending, held = _take(pending, self.local)
+                yield self._to_device(batch)
+        if held:
+            batch, pending, held = _take(pending, held)
+            yield self._to_device(batch)
+        if skipped:
+            self.skipped += len(skipped)
+            warnings.warn(
+                f"{len(skipped)} image(s) failed to decode in epoch {epoch + 1} and were left "
+                f"out (data.decode_errors='skip'): {'; '.join(skipped[:5])}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _why(self, position: int, where: str) -> str:
+        """The decoder's own message for a failed row (decoded again, here)."""
+        row = int(self.plan.rows[position])
+        k = int(np.searchsorted(self.plan.offsets, row, side="right")) - 1
+        local = np.array([row - int(self.plan.offsets[k])])
+        (data,) = _read_rows(self.plan.paths[k], self.plan.struct_image[k], local)
+        if data is None:
+            return f"{where}: image bytes are null"
+        try:
+            decode_image(data, self.plan.size, where)
+        except DataError as e:
+            return str(e)
+        return f"{where}: cannot decode image"
+
+    def _to_device(
+        self, b: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        d = self.device
+        return (
+            b["image"].to(d, non_blocking=True),
+            b["label"].to(d, torch.int64),
+            b["index"].to(d, torch.int64),
+        )
+
+
+def _take(
+    pending: list[dict[str, torch.Tensor]], n: int
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], int]:
+    """The first ``n`` rows of the pending pieces, and what is left."""
+    whole = {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
+    rest = {k: v[n:] for k, v in whole.items()}
+    left = len(rest["index"])
+    return {k: v[:n] for k, v in whole.items()}, ([rest] if left else []), left
+
+
+# --------------------------------------------------------------------------- monitors
+
+
+def monitor_splits(cfg: DataConfig, ev: EvalConfig, plan: StreamPlan) -> DatasetSplits:
+    """The monitors' images, decoded once into memory while training streams.
+
+    The pool of training images is a fixed subset (seed 0) of ``eval.monitor_train_size``
+    labeled rows (plus ``eval.monitor_test_size`` with ``data.labels: false``, where the
+    label-free monitors split it); the held-out queries a fixed ``eval.monitor_test_size``
+    subset of the held-out split (``test_root`` or the split of ``root``). 0 = all rows. The
+    pool's mean/std are the augmentation's. ``knn_full_*`` is then the same set, not reported.
+    """
+    shards, labels, train_idx, test_idx = scan(cfg)
+    s = cfg.image_size
+    labeled = cfg.labels
+    train_labels = labels[train_idx]
+    candidates = np.flatnonzero(train_labels >= 0) if labeled else np.arange(len(train_idx))
+    pool_size = ev.monitor_train_size + (0 if labeled else ev.monitor_test_size)
+    if ev.monitor_train_size == 0 or (not labeled and ev.monitor_test_size == 0):
+        pool_size = 0
+    pick = _fixed_subset(len(candidates), pool_size)
+    pool = train_idx[candidates[pick]]
+    x = decode_rows(shards, pool, s, "decoding monitor pool")
+    mean, std = channel_stats(x)
+    name = f"parquet:{PurePosixPath(str(cfg.root).rstrip('/')).name}"
+    test = None
+    num_classes = 0
+    if labeled:
+        if test_idx is None:
+            test_shards = scan_shards(str(cfg.test_root), "parquet test_root")
+            t_labels = np.concatenate([sh.labels for sh in test_shards])
+            test_idx = np.flatnonzero(t_labels >= 0)
+        else:
+            test_shards, t_labels = shards, labels
+        if test_idx.size == 0 or not (labels >= 0).any():
+            raise DataError(
+                f"{cfg.test_root or cfg.root}: no labeled rows for the test split; to train "
+                "on unlabeled images set data.labels: false"
+            )
+        num_classes = int(max(labels.max(), t_labels[test_idx].max())) + 1
+        rows = test_idx[_fixed_subset(len(test_idx), ev.monitor_test_size)]
+        xt = decode_rows(test_shards, rows, s, "decoding monitor test")
+        yt = torch.from_numpy(t_labels[rows])
+        test = ImageDataset(xt, yt, num_classes, mean, std, f"{name}/test")
+    y = torch.from_numpy(labels[pool]) if labeled else torch.full((len(pool),), -1)
+    train = ImageDataset(x, y, num_classes, mean, std, f"{name}/train[monitor pool]")
+    return DatasetSplits(train=train, test=test)
+
+
+def _fixed_subset(n: int, size: int) -> np.ndarray:
+    """Sorted positions of a fixed ``size``-subset of ``range(n)`` (seed 0); 0 or >= n: all."""
+    if size == 0 or size >= n:
+        return np.arange(n)
+    perm = np.random.default_rng(0).permutation(n)
+    return np.sort(perm[:size])

@@ -1,0 +1,144 @@
+"""Streaming parquet shards through Ray Data: the epoch order, every row once per epoch across
+workers, exact resume, decode failures counted or stopping the run, the auto threshold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from contrastlab.config import DataConfig
+from contrastlab.data import DataError, stream
+from contrastlab.data.digits import read_digits
+from contrastlab.data.load import resolve_source
+from contrastlab.rundir import RunPlace
+from contrastlab.train import Trainer, train
+from tests.conftest import tiny_config
+from tests.test_data import png_bytes
+from tests.test_unlabeled import digit_images
+
+N = 256
+
+
+def write_shards(root: Path, n: int = N, corrupt: int | None = None) -> None:
+    """Two labeled shards of digits as PNG, small row groups; row ``corrupt`` of the second
+    shard holds bytes that are no image."""
+    root.mkdir(parents=True)
+    img = digit_images(n)
+    _, y = read_digits()
+    half = n // 2
+    for k in range(2):
+        data = [png_bytes(x) for x in img[k * half : (k + 1) * half]]
+        if k == 1 and corrupt is not None:
+            data[corrupt] = b"\x89PNG but truncated"
+        table = pa.table(
+            {"image": pa.array(data, pa.binary()), "label": pa.array(y[k * half : (k + 1) * half])}
+        )
+        pq.write_table(table, root / f"part-{k}.parquet", row_group_size=50)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("stream") / "shards"
+    write_shards(root)
+    return root
+
+
+def _cfg(root: Path, **data):
+    return tiny_config(
+        data={"dataset": "parquet", "root": str(root), "source": "stream", **data},
+        train={"epochs": 2, "batch_size": 64},
+    )
+
+
+def test_epoch_order_is_a_seeded_permutation_shared_out_once():
+    a = stream.epoch_order(1000, seed=3, epoch=1, chunk_rows=16, task_chunks=4)
+    assert sorted(a.tolist()) == list(range(1000))
+    assert np.array_equal(a, stream.epoch_order(1000, 3, 1, 16, 4))  # (seed, epoch) alone
+    assert not np.array_equal(a, stream.epoch_order(1000, 3, 2, 16, 4))
+    assert not np.array_equal(a, stream.epoch_order(1000, 4, 1, 16, 4))
+    parts = [stream.worker_positions(a, 100, r, 2, steps=10) for r in range(2)]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(1000))
+    # worker r holds its contiguous half of every global batch, as in memory
+    assert np.array_equal(parts[1][:50], a[50:100])
+
+
+@pytest.mark.slow
+def test_two_workers_stream_every_row_once_per_epoch(shards, ray_local):
+    plan = stream.plan(DataConfig(dataset="parquet", root=str(shards), image_size=8))
+    cfg = DataConfig(dataset="parquet", root=str(shards), image_size=8, source="stream")
+    n = len(plan)  # the 192 training rows: 64 of the 256 are the held-out split
+    assert n % 64 == 0
+    seen = []
+    for rank in range(2):
+        src = stream.StreamBatches(plan, cfg, 0, 64, rank, 2, torch.device("cpu"))
+        batches = list(src.epoch(epoch=1, steps=n // 64))
+        assert [len(b[2]) for b in batches] == [32] * (n // 64)  # equal steps on both workers
+        seen.append(torch.cat([b[2] for b in batches]))
+        # images and labels are those of the rows named by the index
+        pos = seen[-1].numpy()
+        assert torch.equal(batches[0][1], torch.from_numpy(plan.labels[pos[:32]]))
+        ref = torch.from_numpy(digit_images(N)[plan.rows[pos[:32]]]).permute(0, 3, 1, 2)
+        assert torch.equal(batches[0][0], ref)
+    union = torch.cat(seen).sort().values
+    assert union.tolist() == list(range(n))  # every row exactly once across the two workers
+
+
+def _history(run: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]
+
+
+@pytest.mark.slow
+def test_a_resumed_stream_run_sees_what_an_uninterrupted_one_saw(shards, tmp_path, ray_local):
+    cfg = _cfg(shards)
+    whole = train(cfg, RunPlace(tmp_path / "whole"))
+
+    def stop(epoch, metrics, ckpt):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, RunPlace(tmp_path / "cut"), hooks=[stop])
+    Trainer(cfg, RunPlace(tmp_path / "cut")).fit(resume=True)
+    assert _history(tmp_path / "cut") == _history(tmp_path / "whole")
+    assert "knn_top1" in whole.history[-1] and whole.history[-1]["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_a_corrupt_row_stops_the_run_or_is_counted(tmp_path, ray_local):
+    # unlabeled, so every row streams; the row is outside the monitors' pool (decoded up front)
+    pool = set(stream._fixed_subset(N, 48).tolist())
+    bad = next(r for r in range(N // 2, N) if r not in pool) - N // 2
+    root = tmp_path / "bad"
+    write_shards(root, corrupt=bad)
+
+    def cfg(**data):
+        return tiny_config(
+            data={"dataset": "parquet", "root": str(root), "source": "stream", "labels": False}
+            | data,
+            train={"epochs": 2, "batch_size": 64},
+            eval={"monitor_train_size": 32, "monitor_test_size": 16},
+        )
+
+    where = rf"part-1\.parquet: row {bad}"
+    with pytest.raises(DataError, match=rf"{where}: cannot decode image \(Unidentified"):
+        train(cfg(), RunPlace(tmp_path / "stop"))
+    with pytest.warns(RuntimeWarning, match=rf"1 image\(s\) failed.*{where}"):
+        res = train(cfg(decode_errors="skip"), RunPlace(tmp_path / "skip"))
+    assert [h.get("decode_skipped") for h in res.history[1:]] == [1.0, 2.0]  # over the run
+
+
+def test_auto_streams_above_the_threshold(shards):
+    base = {"dataset": "parquet", "root": str(shards), "image_size": 16}
+    assert resolve_source(DataConfig(**base)) == "memory"  # 256 * 3 * 16 * 16 bytes
+    assert stream.decoded_gb(N, 16) == N * 3 * 16 * 16 / 1e9
+    assert resolve_source(DataConfig(**base, stream_above_gb=1e-4)) == "stream"
+    assert resolve_source(DataConfig()) == "memory"  # digits: always in memory
+    with pytest.raises(ValueError, match=r"source='stream' reads parquet"):
+        DataConfig(source="stream")
