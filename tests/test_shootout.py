@@ -190,3 +190,41 @@ def test_two_objective_sweep_reports_a_pareto_front_of_non_dominated_trials(two_
     for i, rid in enumerate(front):
         assert front_run(uri, "po", i) == rid
         assert f"--best-of po --front-index {i}" in rep.text and rid in rep.text
+
+
+def test_a_restored_shootout_search_continues_where_it_stopped(tmp_path):
+    """What ``--resume`` relies on: the round-robin position, each trial's method and every
+    method's Optuna study come back from the saved state (no pickle of ours: JSON, and each
+    OptunaSearch saves itself)."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from contrastlab.sweep.per_method import PerMethodSearch
+
+    def fresh():
+        searchers = {
+            m: OptunaSearch(
+                space={"x": optuna.distributions.FloatDistribution(0.0, 1.0)},
+                metric="knn_top1",
+                mode="max",
+                seed=0,
+            )
+            for m in ("simclr", "moco")
+        }
+        return PerMethodSearch(searchers, "knn_top1", "max")
+
+    before = fresh()
+    first = [before.suggest(f"t{i}") for i in range(3)]
+    before.on_trial_complete("t0", {"knn_top1": 50.0})
+    path = str(tmp_path / "search.json")
+    before.save(path)
+    after = fresh()
+    after.restore(path)
+    assert after.suggested == 3 and after.owner == {"t0": "simclr", "t1": "moco", "t2": "simclr"}
+    assert [c["method.name"] for c in first] == ["simclr", "moco", "simclr"]
+    nxt = after.suggest("t3")  # the round-robin goes on with moco
+    assert nxt["method.name"] == "moco"
+    ref = before.suggest("t3")  # the same draw as the uninterrupted searcher
+    assert nxt == ref
+    done = after.searchers["simclr"]._ot_study.trials
+    assert [t.state.name for t in done][:1] == ["COMPLETE"] and done[0].values == [50.0]

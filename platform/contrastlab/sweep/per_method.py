@@ -15,7 +15,9 @@ state (``--resume``).
 
 from __future__ import annotations
 
-import pickle
+import contextlib
+import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -63,21 +65,18 @@ class PerMethodSearch(Searcher):
             self.searchers[self.owner[trial_id]].on_trial_complete(trial_id, result, error)
 
     def save(self, checkpoint_path: str) -> None:
-        # each OptunaSearch's own state is its __dict__ (what its save() pickles)
-        state = {
-            "suggested": self.suggested,
-            "owner": self.owner,
-            "searchers": {m: s.__dict__.copy() for m, s in self.searchers.items()},
-        }
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(state, f)
+        # our bookkeeping as JSON; each method's searcher saves itself beside it (Ray's format)
+        with open(checkpoint_path, "w") as f:
+            json.dump({"suggested": self.suggested, "owner": self.owner}, f)
+        for m, searcher in self.searchers.items():
+            searcher.save(f"{checkpoint_path}.{m}")
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            state = pickle.load(f)
+        with open(checkpoint_path) as f:
+            state = json.load(f)
         self.suggested, self.owner = state["suggested"], state["owner"]
-        for m, saved in state["searchers"].items():
-            self.searchers[m].__dict__.update(saved)
+        for m, searcher in self.searchers.items():
+            searcher.restore(f"{checkpoint_path}.{m}")
 
 
 class PerMethodScheduler(FIFOScheduler):
@@ -115,12 +114,15 @@ class PerMethodScheduler(FIFOScheduler):
         return "\n".join(f"{m}: {s.debug_string()}" for m, s in self.schedulers.items())
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
+        # each method's scheduler saves itself (ASHA has state; FIFO has none to save)
+        for m, scheduler in self.schedulers.items():
+            with contextlib.suppress(NotImplementedError):
+                scheduler.save(f"{checkpoint_path}.{m}")
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+        for m, scheduler in self.schedulers.items():
+            if os.path.exists(f"{checkpoint_path}.{m}"):
+                scheduler.restore(f"{checkpoint_path}.{m}")
 
 
 __all__ = ["PerMethodScheduler", "PerMethodSearch"]
