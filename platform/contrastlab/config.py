@@ -1197,11 +1197,13 @@ def error_lines(
     err: ValidationError,
     root: type[BaseModel],
     keys: Callable[[Iterable[str]], list[str]] = list,
+    moved: Mapping[str, str] | None = None,
 ) -> list[str]:
     """One line per problem in ``err`` (from validating ``root``), each naming its key:
     ``key: unknown key (did you mean 'x'?); allowed: a, b``, ``key: <rule> (got <value>)``,
     ``key: required key is missing; required: a, b``; a rule of the whole model (a
-    ``ValueError`` of a model validator) is its own message. ``keys`` orders the allowed keys.
+    ``ValueError`` of a model validator) is its own message. ``keys`` orders the allowed keys;
+    ``moved`` maps keys that no longer exist to what replaced them (said instead of "unknown").
     """
     lines = []
     for e in err.errors():
@@ -1210,12 +1212,8 @@ def error_lines(
         ctx = e.get("ctx", {})
         got = e.get("input")
         _, parent = _walk(root, e["loc"][:-1])
-        if e["type"] == "extra_forbidden" and key in RUN_PLACE_KEYS:
-            lines.append(
-                f"{key}: not a config key: where a run is written and whether it shows progress "
-                f"do not change its results (did you mean the `contrastlab train` flag "
-                f"{RUN_PLACE_KEYS[key]}?)"
-            )
+        if e["type"] == "extra_forbidden" and moved and key in moved:
+            lines.append(f"{key}: {moved[key]}")
         elif e["type"] in ("extra_forbidden", "invalid_key"):
             allowed = keys(parent.model_fields) if _is_model(parent) else []
             hint = did_you_mean(shown[-1], allowed)
@@ -1246,8 +1244,17 @@ def error_lines(
     return lines
 
 
+# what a config that still sets a run-place key is told
+_MOVED = {
+    key: "not a config key: where a run is written and whether it shows progress do not change "
+    f"its results (did you mean the `contrastlab train` flag {flag}?)"
+    for key, flag in RUN_PLACE_KEYS.items()
+}
+
+
 def _format_error(err: ValidationError) -> str:
-    return "invalid config:\n  " + "\n  ".join(error_lines(err, Config, keys=sorted))
+    lines = error_lines(err, Config, keys=sorted, moved=_MOVED)
+    return "invalid config:\n  " + "\n  ".join(lines)
 
 
 def make_config(raw: Mapping[str, Any] | None = None) -> Config:
