@@ -473,16 +473,19 @@ def open_run(
     )
     if run.created:
         run.log_text(cfg.to_yaml(), "config.yaml")
-        log_data_inputs(uri, run.run_id, cfg.data)
+        from contrastlab.data.lineage import data_sources
+
+        log_data_inputs(uri, run.run_id, data_sources(cfg.data))
     return run
 
 
-def log_data_inputs(uri: str, run_id: str, data_cfg: Any) -> None:
-    """Record the run's datasets (source, digest, rows; training / evaluation) as MLflow
-    dataset inputs: see :mod:`contrastlab.data.lineage` for what the digest covers."""
-    from contrastlab.data.lineage import data_sources, mlflow_inputs
+def log_data_inputs(uri: str, run_id: str, sources: list) -> None:
+    """Record the run's datasets (``data.lineage.data_sources``: source, digest, rows; training
+    / evaluation) as MLflow dataset inputs; :mod:`contrastlab.data.lineage` says what the
+    digest covers."""
+    from contrastlab.data.lineage import mlflow_inputs
 
-    client(uri).log_inputs(run_id, datasets=mlflow_inputs(data_sources(data_cfg)))
+    client(uri).log_inputs(run_id, datasets=mlflow_inputs(sources))
 
 
 def data_digests(run: Any) -> dict[str, tuple[str, str]]:

@@ -190,17 +190,15 @@ def code_differences(uri: str, run_id: str) -> list[str]:
     return out
 
 
-def data_differences(original: Any, cfg: Config) -> list[str]:
-    """Warnings where the data a reproduction is about to train on differs from the data the
-    original run logged (its MLflow dataset inputs; digests per
-    :mod:`contrastlab.data.lineage`)."""
-    from contrastlab.data.lineage import data_sources
-
+def data_differences(original: Any, sources: list) -> list[str]:
+    """Warnings where the data a reproduction is about to train on (``sources``, from
+    :func:`contrastlab.data.lineage.data_sources`) differs from the data the original run
+    logged (its MLflow dataset inputs)."""
     then = tracking.data_digests(original)
     if not then:
         return ["the original run logged no dataset input: its data cannot be compared"]
     out = []
-    for now in data_sources(cfg.data):
+    for now in sources:
         source, digest = then.get(now.context, ("?", None))
         if digest is not None and digest != now.digest:
             out.append(
@@ -314,7 +312,10 @@ def reproduce(
     notes = code_differences(uri, run_id)
     c = tracking.client(uri)
     original = c.get_run(run_id)
-    notes += data_differences(original, cfg)
+    from contrastlab.data.lineage import data_sources
+
+    sources = data_sources(cfg.data)  # listed once: compared here, logged with the run
+    notes += data_differences(original, sources)
     trial_workers = int(original.data.tags.get("contrastlab.workers", "1"))
     workers = trial_workers if workers is None else workers
     if workers < 1:
@@ -373,12 +374,14 @@ def reproduce(
     rep = Reproduction(run_id, place.dir, rows, ok, exact, notes)
 
     if log_to_mlflow:
-        rep.mlflow_run_id = _log(uri, original, cfg, history, rep, workers, wall)
+        rep.mlflow_run_id = _log(uri, original, cfg, sources, history, rep, workers, wall)
     rep.text = _text(rep, original, on_cpu, tol, wall, workers)
     return rep
 
 
-def _log(uri, original, cfg: Config, history, rep: Reproduction, workers: int, wall: float) -> str:
+def _log(
+    uri, original, cfg: Config, sources, history, rep: Reproduction, workers: int, wall: float
+) -> str:
     c = tracking.client(uri)
     prov = tracking.provenance()
     run = c.create_run(
@@ -395,7 +398,7 @@ def _log(uri, original, cfg: Config, history, rep: Reproduction, workers: int, w
     )
     rid = run.info.run_id
     tracking.log_params(uri, rid, cfg.flat())
-    tracking.log_data_inputs(uri, rid, cfg.data)
+    tracking.log_data_inputs(uri, rid, sources)
     for h in history:
         tracking.log_metrics(uri, rid, h, step=int(h["epoch"]))
     c.log_text(rid, cfg.to_yaml(), "config.yaml")
