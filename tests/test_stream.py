@@ -1,5 +1,6 @@
-"""Streaming parquet shards through Ray Data: the epoch order, every row once per epoch across
-workers, exact resume, decode failures counted or stopping the run, the auto threshold."""
+"""Streaming parquet shards and image folders through Ray Data: the epoch order, every row once
+per epoch across workers (the same images memory mode holds), exact resume, decode failures
+counted or stopping the run, the auto threshold, one- and two-worker sweep trials."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from contrastlab.config import DataConfig
-from contrastlab.data import DataError, stream
+from contrastlab.data import DataError, load_dataset, stream
 from contrastlab.data.digits import read_digits
 from contrastlab.data.load import resolve_source
 from contrastlab.rundir import RunPlace
@@ -42,6 +43,27 @@ def write_shards(root: Path, n: int = N, corrupt: int | None = None) -> None:
         pq.write_table(table, root / f"part-{k}.parquet", row_group_size=50)
 
 
+def write_folder(root: Path, n: int = N, corrupt: int | None = None) -> list[Path]:
+    """The same digits as PNG files in class folders ``digit<y>/<i>.png``; file ``corrupt``
+    (an index into the returned listing order) holds bytes that are no image.
+
+    Returns:
+        The files in the order the folder is listed (class, then name).
+    """
+    img = digit_images(n)
+    _, y = read_digits()
+    files = []
+    for i in range(n):
+        path = root / f"digit{y[i]}" / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png_bytes(img[i]))
+        files.append(path)
+    files.sort()
+    if corrupt is not None:
+        files[corrupt].write_bytes(b"\x89PNG but truncated")
+    return files
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("stream") / "shards"
@@ -49,9 +71,19 @@ def shards(tmp_path_factory) -> Path:
     return root
 
 
-def _cfg(root: Path, **data):
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("stream") / "folder"
+    write_folder(root)
+    return root
+
+
+KINDS = {"shards": "parquet", "folder": "imagefolder"}
+
+
+def _cfg(root: Path, kind: str = "parquet", **data):
     return tiny_config(
-        data={"dataset": "parquet", "root": str(root), "source": "stream", **data},
+        data={"dataset": kind, "root": str(root), "source": "stream", **data},
         train={"epochs": 2, "batch_size": 64},
     )
 
@@ -69,22 +101,24 @@ def test_epoch_order_is_a_seeded_permutation_shared_out_once():
 
 
 @pytest.mark.slow
-def test_two_workers_stream_every_row_once_per_epoch(shards, ray_local):
-    plan = stream.plan(DataConfig(dataset="parquet", root=str(shards), image_size=8))
-    cfg = DataConfig(dataset="parquet", root=str(shards), image_size=8, source="stream")
+@pytest.mark.parametrize("source", KINDS)
+def test_two_workers_stream_every_row_once_per_epoch(source, request, ray_local):
+    root, kind = request.getfixturevalue(source), KINDS[source]
+    plan = stream.plan(DataConfig(dataset=kind, root=str(root), image_size=8))
+    cfg = DataConfig(dataset=kind, root=str(root), image_size=8, source="stream")
+    # memory mode's training split of the same files: position p is its image p
+    held = load_dataset(cfg.model_copy(update={"source": "memory"})).train
     n = len(plan)  # the 192 training rows: 64 of the 256 are the held-out split
-    assert n % 64 == 0
+    assert n == len(held) and n % 64 == 0
+    assert torch.equal(torch.from_numpy(plan.labels), held.labels)
     seen = []
     for rank in range(2):
         src = stream.StreamBatches(plan, cfg, 0, 64, rank, 2, torch.device("cpu"))
         batches = list(src.epoch(epoch=1, steps=n // 64))
         assert [len(b[2]) for b in batches] == [32] * (n // 64)  # equal steps on both workers
         seen.append(torch.cat([b[2] for b in batches]))
-        # images and labels are those of the rows named by the index
-        pos = seen[-1].numpy()
-        assert torch.equal(batches[0][1], torch.from_numpy(plan.labels[pos[:32]]))
-        ref = torch.from_numpy(digit_images(N)[plan.rows[pos[:32]]]).permute(0, 3, 1, 2)
-        assert torch.equal(batches[0][0], ref)
+        for x, y, pos in batches:  # images and labels are those of the rows named
+            assert torch.equal(x, held.images[pos]) and torch.equal(y, held.labels[pos])
     union = torch.cat(seen).sort().values
     assert union.tolist() == list(range(n))  # every row exactly once across the two workers
 
@@ -96,8 +130,11 @@ def _history(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_a_resumed_stream_run_sees_what_an_uninterrupted_one_saw(shards, tmp_path, ray_local):
-    cfg = _cfg(shards)
+@pytest.mark.parametrize("source", KINDS)
+def test_a_resumed_stream_run_sees_what_an_uninterrupted_one_saw(
+    source, request, tmp_path, ray_local
+):
+    cfg = _cfg(request.getfixturevalue(source), KINDS[source])
     whole = train(cfg, RunPlace(tmp_path / "whole"))
 
     def stop(epoch, metrics, ckpt):
@@ -112,27 +149,44 @@ def test_a_resumed_stream_run_sees_what_an_uninterrupted_one_saw(shards, tmp_pat
 
 
 @pytest.mark.slow
-def test_a_corrupt_row_stops_the_run_or_is_counted(tmp_path, ray_local):
+@pytest.mark.parametrize("source", KINDS)
+def test_a_corrupt_row_stops_the_run_or_is_counted(source, tmp_path, ray_local):
     # unlabeled, so every row streams; the row is outside the monitors' pool (decoded up front)
     pool = set(stream._fixed_subset(N, 48).tolist())
-    bad = next(r for r in range(N // 2, N) if r not in pool) - N // 2
+    bad = next(r for r in range(N // 2, N) if r not in pool)
     root = tmp_path / "bad"
-    write_shards(root, corrupt=bad)
+    if source == "shards":
+        write_shards(root, corrupt=bad - N // 2)
+        where = rf"part-1\.parquet: row {bad - N // 2}"
+    else:
+        where = str(write_folder(root, corrupt=bad)[bad])
 
     def cfg(**data):
         return tiny_config(
-            data={"dataset": "parquet", "root": str(root), "source": "stream", "labels": False}
+            data={"dataset": KINDS[source], "root": str(root), "source": "stream"}
+            | {"labels": False}
             | data,
             train={"epochs": 2, "batch_size": 64},
             eval={"monitor_train_size": 32, "monitor_test_size": 16},
         )
 
-    where = rf"part-1\.parquet: row {bad}"
     with pytest.raises(DataError, match=rf"{where}: cannot decode image \(Unidentified"):
         train(cfg(), RunPlace(tmp_path / "stop"))
     with pytest.warns(RuntimeWarning, match=rf"1 image\(s\) failed.*{where}"):
         res = train(cfg(decode_errors="skip"), RunPlace(tmp_path / "skip"))
     assert [h.get("decode_skipped") for h in res.history[1:]] == [1.0, 2.0]  # over the run
+
+
+@pytest.mark.slow
+def test_a_file_gone_after_listing_stops_the_stream_naming_it(tmp_path, ray_local):
+    files = write_folder(tmp_path / "f", n=64)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path / "f"), image_size=8)
+    cfg = cfg.model_copy(update={"source": "stream", "labels": False})
+    plan = stream.plan(cfg)
+    files[5].unlink()
+    src = stream.StreamBatches(plan, cfg, 0, 32, 0, 1, torch.device("cpu"))
+    with pytest.raises(DataError, match=rf"{files[5]}: .*(No such file|not exist|Failed to open)"):
+        list(src.epoch(0, 2))
 
 
 def test_auto_streams_above_the_threshold(shards):
@@ -141,8 +195,15 @@ def test_auto_streams_above_the_threshold(shards):
     assert stream.decoded_gb(N, 16) == N * 3 * 16 * 16 / 1e9
     assert resolve_source(DataConfig(**base, stream_above_gb=1e-4)) == "stream"
     assert resolve_source(DataConfig()) == "memory"  # digits: always in memory
-    with pytest.raises(ValueError, match=r"source='stream' reads parquet"):
+    with pytest.raises(ValueError, match=r"source='stream' reads parquet shards or image fold"):
         DataConfig(source="stream")
+
+
+def test_auto_streams_a_large_image_folder(folder):
+    base = {"dataset": "imagefolder", "root": str(folder), "image_size": 16}
+    assert resolve_source(DataConfig(**base)) == "memory"
+    assert resolve_source(DataConfig(**base, stream_above_gb=1e-4)) == "stream"
+    assert len(stream.plan(DataConfig(**base))) == N - 64  # the listing's rows, split
 
 
 @pytest.mark.slow

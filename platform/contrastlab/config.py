@@ -623,6 +623,8 @@ class ModelConfig(_Strict):
 # --------------------------------------------------------------------------- data
 
 Dataset = Literal["digits", "cifar10", "cifar100", "stl10", "imagefolder", "parquet"]
+#: Datasets ``data.source: stream`` can read batch by batch (files of encoded images).
+STREAMED = ("parquet", "imagefolder")
 
 
 class DataConfig(_Strict):
@@ -664,9 +666,10 @@ class DataConfig(_Strict):
     source: Literal["auto", "memory", "stream"] = Field(
         "auto",
         description="'memory': decode every training image once into one uint8 tensor; "
-        "'stream': read and decode parquet shards with Ray Data on CPU workers, batch by "
-        "batch, every epoch; 'auto': memory when the decoded training set (N * 3 * S * S "
-        "bytes) is under stream_above_gb, else stream (parquet only)",
+        "'stream': read and decode parquet shards or an image folder's files with Ray Data on "
+        "CPU workers, batch by batch, every epoch; 'auto': memory when the decoded training "
+        "set (N * 3 * S * S bytes) is under stream_above_gb, else stream (parquet and "
+        "imagefolder; the other datasets are always in memory)",
     )
     stream_above_gb: float = Field(
         8.0, gt=0, description="source='auto' streams training sets whose decoded size exceeds it"
@@ -688,6 +691,13 @@ class DataConfig(_Strict):
         description="stream: object store size of the local Ray a run starts when none is "
         "running (a cluster's own setting applies otherwise)",
     )
+    stream_task_cpus: float = Field(
+        1.0,
+        gt=0,
+        description="stream: CPUs each decode task reserves on the Ray cluster (placement "
+        "only, results do not depend on it); leave this many CPUs free beside a trial's "
+        "workers, or add CPU-only nodes (docs/cluster.md)",
+    )
     decode_errors: Literal["stop", "skip"] = Field(
         "stop",
         description="stream: an image that fails to decode stops the run naming its file and "
@@ -702,10 +712,11 @@ class DataConfig(_Strict):
                 f"data.eval_dataset={self.eval_dataset!r} needs data.eval_root (the directory "
                 "of the labeled evaluation set); only 'digits' needs none"
             )
-        if self.source == "stream" and self.dataset != "parquet":
+        if self.source == "stream" and self.dataset not in STREAMED:
             raise ValueError(
-                f"data.source='stream' reads parquet shards; data.dataset={self.dataset!r} is "
-                "decoded into memory; allowed: data.source auto/memory, or data.dataset parquet"
+                f"data.source='stream' reads parquet shards or image folders; "
+                f"data.dataset={self.dataset!r} is decoded into memory; allowed: data.source "
+                f"auto/memory, or data.dataset {' / '.join(STREAMED)}"
             )
         return self
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 
-from ..config import DataConfig
+from ..config import STREAMED, DataConfig
 from .cifar import load_cifar
 from .core import DatasetSplits
 from .digits import load_digits_splits
@@ -72,11 +72,12 @@ def with_eval_set(cfg: DataConfig, splits: DatasetSplits) -> DatasetSplits:
 
 def resolve_source(cfg: DataConfig) -> str:
     """``"memory"`` or ``"stream"``: ``data.source``, or for ``auto`` whether the decoded
-    training set (``N * 3 * S * S`` bytes, N read from the shards' labels) exceeds
-    ``data.stream_above_gb`` (parquet only; every other dataset is decoded into memory)."""
+    training set (``N * 3 * S * S`` bytes, N from the shards' labels or the folder's listing)
+    exceeds ``data.stream_above_gb`` (parquet and image folders; every other dataset is
+    decoded into memory)."""
     if cfg.source != "auto":
         return cfg.source
-    if cfg.dataset != "parquet":
+    if cfg.dataset not in STREAMED:
         return "memory"
     from .stream import decoded_gb, plan
 

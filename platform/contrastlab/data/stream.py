@@ -1,15 +1,20 @@
-"""Training images streamed from parquet shards with Ray Data, for sets too large to hold.
+"""Training images streamed from parquet shards or an image folder with Ray Data, for sets too
+large to hold.
 
 Each epoch, every worker builds a Ray Data pipeline of its own rows: ``from_items`` of decode
-tasks (row positions), ``map_batches`` reading those rows' row groups with pyarrow and
-decoding them with PIL on CPU workers (any node of the cluster with CPUs), consumed with
+tasks (row positions), ``map_batches`` reading those rows (a shard's row groups with pyarrow,
+or an image folder's files) and decoding them with PIL on CPU workers (any node of the
+cluster with free CPUs; each task holds ``data.stream_task_cpus``), consumed with
 ``iter_torch_batches`` as ``uint8 [B, 3, S, S]`` + labels + row positions; the batched device
-augmentation then runs as for in-memory data. Ray Data's own ``read_parquet`` gives no row
-position, and a dataset split by ``streaming_split`` / ``ray.train.get_dataset_shard`` hands
-rows to workers as they ask, so the order would depend on timing: here the epoch order is
-computed from ``(seed, epoch)`` alone (:func:`epoch_order`) and shared out like the in-memory
-order (each worker its slice of every global batch, :func:`worker_positions`), so a resumed run
-sees what the uninterrupted one saw and every image appears once per epoch across workers.
+augmentation then runs as for in-memory data.
+
+Ray Data's own ``read_parquet`` / ``read_images`` give no row position, and a dataset split by
+``streaming_split`` / ``ray.train.get_dataset_shard`` hands rows to workers as they ask, so
+the order would depend on timing. Here the epoch order is computed from ``(seed, epoch)``
+alone (:func:`epoch_order`) and shared out like the in-memory order (each worker its slice of
+every global batch, :func:`worker_positions`), so a resumed run sees what the uninterrupted one
+saw and every image appears once per epoch across workers. Inside a multi-worker
+``TorchTrainer`` trial each Train worker runs its own pipeline this way, on the cluster's Ray.
 
 The kNN / label-free monitors' fixed subsets are decoded once into memory
 (:func:`monitor_splits`); the augmentation's mean/std come from that pool of training images.
@@ -34,8 +39,9 @@ from ..config import DataConfig, EvalConfig
 from .core import DataError, DatasetSplits, ImageDataset, channel_stats, plan_rows
 from .decode import decode_image
 
-# the shard scan and the row decoder are the parquet loader's: one reading of the format
-from .fs import open_fs
+# the listings and the decoders are the parquet and folder loaders': one reading of each format
+from .folder import decode_files, index_folder
+from .fs import Location, is_uri, open_fs, read_bytes
 from .parquet import Shard, decode_rows, scan_shards
 
 
@@ -48,15 +54,23 @@ def decoded_gb(n: int, size: int) -> float:
 class StreamPlan:
     """What a worker needs to read its rows: picklable, no decoded pixels.
 
+    A parquet plan's files are shards of many rows; an image folder's are one image each.
+
     Attributes:
-        paths: shard files, in name order.
-        struct_image: per shard, whether ``image`` is a struct with a ``bytes`` field.
-        offsets: ``int64 [shards + 1]`` global row offset of each shard.
+        kind: ``"parquet"`` or ``"imagefolder"``.
+        root: ``data.root``, the local path or URI the files' filesystem is opened from.
+        paths: the files, as paths of that filesystem: shards in name order, or every image
+            of the folder in its listing order.
+        struct_image: per shard, whether ``image`` is a struct with a ``bytes`` field
+            (empty for a folder).
+        offsets: ``int64 [files + 1]`` global row offset of each file.
         rows: ``int64 [n]`` global row of each training position (after split / truncation).
         labels: ``int64 [n]`` label of each training position (-1 unlabeled).
         size: output side length.
     """
 
+    kind: str
+    root: str
     paths: tuple[str, ...]
     struct_image: tuple[bool, ...]
     offsets: np.ndarray
@@ -67,32 +81,109 @@ class StreamPlan:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def where(self, position: int) -> str:
-        """``"<file>: row <i>"`` of a training position."""
+    def locate(self, position: int) -> tuple[int, int]:
+        """``(file, row inside it)`` of a training position."""
         row = int(self.rows[position])
         k = int(np.searchsorted(self.offsets, row, side="right")) - 1
-        return f"{self.paths[k]}: row {row - int(self.offsets[k])}"
+        return k, row - int(self.offsets[k])
+
+    def where(self, position: int) -> str:
+        """How messages name a training position: ``"<shard>: row <i>"``, or the image file."""
+        k, local = self.locate(position)
+        name = open_fs(self.root).name(self.paths[k])  # as the user wrote it (s3://...)
+        return name if self.kind == "imagefolder" else f"{name}: row {local}"
 
 
-def scan(cfg: DataConfig) -> tuple[list[Shard], np.ndarray, np.ndarray, np.ndarray | None]:
-    """Shards of ``cfg.root``, their labels, and the train / held-out rows (no decoding)."""
+@dataclass(frozen=True)
+class Listing:
+    """One root's rows, listed (labels read, nothing decoded).
+
+    Attributes:
+        kind: ``"parquet"`` or ``"imagefolder"``.
+        labels: ``int64 [rows]``, -1 where unlabeled.
+        loc: the root's filesystem.
+        paths: shard files or image files, as paths of ``loc.fs``.
+        offsets: ``int64 [files + 1]`` global row offset of each file.
+        shards: the opened shards (parquet), for decoding rows on this process.
+        classes: the class folders (image folder); empty for parquet.
+    """
+
+    kind: str
+    labels: np.ndarray
+    loc: Location
+    paths: tuple[str, ...]
+    offsets: np.ndarray
+    shards: tuple[Shard, ...] = ()
+    classes: tuple[str, ...] = ()
+
+    def decode(self, rows: np.ndarray, size: int, desc: str) -> torch.Tensor:
+        """``uint8 [len(rows), 3, size, size]``: the rows (sorted) decoded here, in parallel."""
+        if self.kind == "parquet":
+            return decode_rows(list(self.shards), rows, size, desc)
+        files = [self.paths[i] for i in rows.tolist()]
+        return decode_files(files, size, desc, None if self.loc.prefix == "" else self.loc)
+
+
+def list_rows(
+    root: str, kind: str, what: str, labeled: bool = True, classes: tuple[str, ...] = ()
+) -> Listing:
+    """The :class:`Listing` of a parquet directory or an image folder (local path or URI).
+
+    Args:
+        root: the directory.
+        kind: ``"parquet"`` or ``"imagefolder"``.
+        what: how messages name it (``"parquet root"``).
+        labeled: read labels (parquet: the ``label`` column; a folder: its class folders);
+            False: every row -1.
+        classes: a test root's training classes (image folder), which its folders must be
+            among; empty for a training root.
+    """
+    if kind == "parquet":
+        shards = scan_shards(root, what, labeled)
+        return Listing(
+            kind,
+            np.concatenate([sh.labels for sh in shards]),
+            shards[0].loc,
+            tuple(sh.path for sh in shards),
+            np.cumsum([0] + [len(sh.labels) for sh in shards]).astype(np.int64),
+            shards=tuple(shards),
+        )
+    class_to_idx = {c: i for i, c in enumerate(classes)} if classes else None
+    found, files, labels, loc = index_folder(root, f"image folder {what.split()[-1]}", class_to_idx)
+    fs_loc = loc if loc is not None else open_fs(root)
+    y = np.asarray(labels, dtype=np.int64) if labeled else np.full(len(files), -1, np.int64)
+    return Listing(
+        kind,
+        y,
+        fs_loc,
+        tuple(str(f) for f in files),
+        np.arange(len(files) + 1, dtype=np.int64),
+        classes=tuple(classes or found),
+    )
+
+
+def scan(cfg: DataConfig) -> tuple[Listing, np.ndarray, np.ndarray | None]:
+    """``cfg.root``'s listing and its train / held-out rows (no decoding)."""
     if cfg.root is None:
-        raise DataError("data.root is required for parquet")
-    shards = scan_shards(cfg.root, "parquet root", cfg.labels)
-    labels = np.concatenate([s.labels for s in shards])
-    train_idx, test_idx = plan_rows(labels, cfg, split=cfg.test_root is None and cfg.labels)
-    return shards, labels, train_idx, test_idx
+        raise DataError(f"data.root is required for {cfg.dataset}")
+    listed = list_rows(cfg.root, cfg.dataset, f"{cfg.dataset} root", cfg.labels)
+    train_idx, test_idx = plan_rows(listed.labels, cfg, split=cfg.test_root is None and cfg.labels)
+    return listed, train_idx, test_idx
 
 
 def plan(cfg: DataConfig) -> StreamPlan:
     """The :class:`StreamPlan` of ``cfg``'s training rows."""
-    shards, labels, train_idx, _ = scan(cfg)
+    listed, train_idx, _ = scan(cfg)
+    local = listed.loc.prefix == "" and not is_uri(str(cfg.root))
+    # a local root is made absolute: decode tasks may run in another working directory
     return StreamPlan(
-        paths=tuple(s.name for s in shards),  # local path or URI
-        struct_image=tuple(s.struct_image for s in shards),
-        offsets=np.cumsum([0] + [len(s.labels) for s in shards]).astype(np.int64),
+        kind=listed.kind,
+        root=os.path.abspath(listed.loc.path) if local else str(cfg.root),
+        paths=tuple(os.path.abspath(p) for p in listed.paths) if local else listed.paths,
+        struct_image=tuple(sh.struct_image for sh in listed.shards),
+        offsets=listed.offsets,
         rows=train_idx,
-        labels=labels[train_idx],
+        labels=listed.labels[train_idx],
         size=cfg.image_size,
     )
 
@@ -132,11 +223,16 @@ def worker_positions(
 # --------------------------------------------------------------------------- decode tasks
 
 
-def _read_rows(path: str, struct_image: bool, local: np.ndarray) -> list[bytes | None]:
-    """Encoded bytes of the rows ``local`` (sorted) of one shard, reading only their row
-    groups."""
-    loc = open_fs(path)  # a local shard, or one on object storage
-    pf = pq.ParquetFile(loc.path, filesystem=loc.fs)
+def _read_rows(plan: StreamPlan, loc: Location, k: int, local: np.ndarray) -> list[bytes | None]:
+    """Encoded bytes of the rows ``local`` (sorted) of file ``k``: a shard's rows, reading
+    only their row groups, or an image file's content (None when it cannot be read)."""
+    path = plan.paths[k]
+    if plan.kind == "imagefolder":
+        try:
+            return [read_bytes(loc, path)] * len(local)
+        except DataError:
+            return [None] * len(local)
+    pf = pq.ParquetFile(path, filesystem=loc.fs)
     sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
     starts = np.cumsum([0, *sizes])
     groups = np.unique(np.searchsorted(starts, local, side="right") - 1)
@@ -144,7 +240,7 @@ def _read_rows(path: str, struct_image: bool, local: np.ndarray) -> list[bytes |
     # rows of the groups read, renumbered from the first group read
     first = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in groups])
     col = col.take(pa.array(np.searchsorted(first, local)))
-    if struct_image:
+    if plan.struct_image[k]:
         col = pa.chunked_array([c.field("bytes") for c in col.chunks], col.type.field("bytes").type)
     return col.to_pylist()
 
@@ -161,12 +257,13 @@ def decode_task(batch: dict[str, np.ndarray], plan: StreamPlan) -> dict[str, np.
     pos = np.concatenate([np.asarray(p, dtype=np.int64).reshape(-1) for p in batch["pos"]])
     rows = plan.rows[pos]
     shard = np.searchsorted(plan.offsets, rows, side="right") - 1
+    loc = open_fs(plan.root)  # once per task: a local disk, or a store's client
     data: list[bytes | None] = [None] * len(pos)
     for k in np.unique(shard):
         sel = np.flatnonzero(shard == k)
         local = rows[sel] - plan.offsets[k]
         ordered = np.argsort(local, kind="stable")
-        got = _read_rows(plan.paths[k], plan.struct_image[k], local[ordered])
+        got = _read_rows(plan, loc, int(k), local[ordered])
         for j, b in zip(sel[ordered], got, strict=True):
             data[j] = b
     s = plan.size
@@ -188,10 +285,19 @@ def decode_task(batch: dict[str, np.ndarray], plan: StreamPlan) -> dict[str, np.
 
 
 def ensure_ray(object_store_mb: int) -> None:
-    """Start a local Ray (bounded object store) when none is running, and say so."""
+    """Join the Ray named by ``$RAY_ADDRESS``, else start a local Ray (bounded object store),
+    when this process is not connected to one yet, and say so."""
     import ray
 
     if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        print(
+            f"contrastlab: data.source=stream decodes on the Ray at {address} (RAY_ADDRESS)",
+            file=sys.stderr,
+        )
         return
     ray.init(
         num_cpus=os.cpu_count(),
@@ -261,7 +367,12 @@ class StreamBatches:
         task = self.cfg.stream_chunk_rows * self.cfg.stream_task_chunks
         items = [{"pos": positions[lo : lo + task]} for lo in range(0, len(positions), task)]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        return ds.map_batches(decode_task, batch_size=1, fn_kwargs={"plan": self.plan})
+        return ds.map_batches(
+            decode_task,
+            batch_size=1,
+            num_cpus=self.cfg.stream_task_cpus,
+            fn_kwargs={"plan": self.plan},
+        )
 
     def epoch(
         self, epoch: int, steps: int
@@ -303,11 +414,16 @@ class StreamBatches:
             )
 
     def _why(self, position: int, where: str) -> str:
-        """The decoder's own message for a failed row (decoded again, here)."""
-        row = int(self.plan.rows[position])
-        k = int(np.searchsorted(self.plan.offsets, row, side="right")) - 1
-        local = np.array([row - int(self.plan.offsets[k])])
-        (data,) = _read_rows(self.plan.paths[k], self.plan.struct_image[k], local)
+        """The reader's or decoder's own message for a failed row (read again, here)."""
+        k, local = self.plan.locate(position)
+        loc = open_fs(self.plan.root)
+        if self.plan.kind == "imagefolder":
+            try:
+                data: bytes | None = read_bytes(loc, self.plan.paths[k])
+            except DataError as e:
+                return str(e)
+        else:
+            (data,) = _read_rows(self.plan, loc, k, np.array([local]))
         if data is None:
             return f"{where}: image bytes are null"
         try:
@@ -349,7 +465,8 @@ def monitor_splits(cfg: DataConfig, ev: EvalConfig, plan: StreamPlan) -> Dataset
     subset of the held-out split (``test_root`` or the split of ``root``). 0 = all rows. The
     pool's mean/std are the augmentation's. ``knn_full_*`` is then the same set, not reported.
     """
-    shards, labels, train_idx, test_idx = scan(cfg)
+    listed, train_idx, test_idx = scan(cfg)
+    labels = listed.labels
     s = cfg.image_size
     labeled = cfg.labels
     train_labels = labels[train_idx]
@@ -359,30 +476,35 @@ def monitor_splits(cfg: DataConfig, ev: EvalConfig, plan: StreamPlan) -> Dataset
         pool_size = 0
     pick = _fixed_subset(len(candidates), pool_size)
     pool = train_idx[candidates[pick]]
-    x = decode_rows(shards, pool, s, "decoding monitor pool")
+    x = listed.decode(pool, s, "decoding monitor pool")
     mean, std = channel_stats(x)
-    name = f"parquet:{PurePosixPath(str(cfg.root).rstrip('/')).name}"
+    name = f"{cfg.dataset}:{PurePosixPath(str(cfg.root).rstrip('/')).name}"
     test = None
     num_classes = 0
     if labeled:
         if test_idx is None:
-            test_shards = scan_shards(str(cfg.test_root), "parquet test_root")
-            t_labels = np.concatenate([sh.labels for sh in test_shards])
-            test_idx = np.flatnonzero(t_labels >= 0)
+            held = list_rows(
+                str(cfg.test_root),
+                cfg.dataset,
+                f"{cfg.dataset} test_root",
+                classes=listed.classes,
+            )
+            test_idx = np.flatnonzero(held.labels >= 0)
         else:
-            test_shards, t_labels = shards, labels
+            held = listed
         if test_idx.size == 0 or not (labels >= 0).any():
             raise DataError(
                 f"{cfg.test_root or cfg.root}: no labeled rows for the test split; to train "
                 "on unlabeled images set data.labels: false"
             )
-        num_classes = int(max(labels.max(), t_labels[test_idx].max())) + 1
+        num_classes = len(listed.classes) or int(max(labels.max(), held.labels[test_idx].max())) + 1
         rows = test_idx[_fixed_subset(len(test_idx), ev.monitor_test_size)]
-        xt = decode_rows(test_shards, rows, s, "decoding monitor test")
-        yt = torch.from_numpy(t_labels[rows])
-        test = ImageDataset(xt, yt, num_classes, mean, std, f"{name}/test")
+        xt = held.decode(rows, s, "decoding monitor test")
+        yt = torch.from_numpy(held.labels[rows])
+        test = ImageDataset(xt, yt, num_classes, mean, std, f"{name}/test", listed.classes)
     y = torch.from_numpy(labels[pool]) if labeled else torch.full((len(pool),), -1)
-    train = ImageDataset(x, y, num_classes, mean, std, f"{name}/train[monitor pool]")
+    classes = listed.classes if labeled else ()
+    train = ImageDataset(x, y, num_classes, mean, std, f"{name}/train[monitor pool]", classes)
     return DatasetSplits(train=train, test=test)
 
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ import yaml
 
 from contrastlab import tracking
 from contrastlab.config import Config, ConfigError, make_config, saved_config
+from contrastlab.data import stream
+from contrastlab.data.load import resolve_source
 from contrastlab.distributed import exit_spawned_worker
 from contrastlab.rundir import RunPlace, read_metrics
 
@@ -251,7 +255,7 @@ def _run_locally(cfg: Config, place: RunPlace, stop: int, workers: int, threads:
     else:
         import torch.multiprocessing as mp
 
-        with tempfile.TemporaryDirectory() as d:
+        with tempfile.TemporaryDirectory() as d, _shared_ray(cfg):
             mp.spawn(
                 _ddp_worker,
                 args=(
@@ -264,6 +268,27 @@ def _run_locally(cfg: Config, place: RunPlace, stop: int, workers: int, threads:
                 ),
                 nprocs=workers,
             )
+
+
+@contextlib.contextmanager
+def _shared_ray(cfg: Config) -> Iterator[None]:
+    """For a streamed run: one Ray, started here, whose address the DDP processes inherit
+    (``RAY_ADDRESS``), so every worker's decode tasks share it; nothing for in-memory data."""
+    if resolve_source(cfg.data) != "stream":
+        yield
+        return
+    import ray
+
+    stream.ensure_ray(cfg.data.stream_object_store_mb)
+    before = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["RAY_ADDRESS"]
+        else:
+            os.environ["RAY_ADDRESS"] = before
 
 
 def reproduce(
