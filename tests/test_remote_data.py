@@ -81,6 +81,62 @@ def test_fs_helpers_roundtrip(s3_store) -> None:
     assert read_bytes(loc, loc.child("x.bin")) == b"\x00\x01payload"
 
 
+# --------------------------------------------------------------------------- streaming
+
+
+@pytest.fixture
+def ray_s3(s3_store):
+    """A local Ray whose workers (the decode tasks) see the S3 server's environment."""
+    import os
+
+    import ray
+
+    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {k: os.environ[k] for k in keys}},
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_streaming_from_s3_equals_local_memory(tmp_path: Path, s3_store, ray_s3) -> None:
+    """Shards and an image folder streamed from ``s3://`` by Ray Data decode tasks give, row
+    for row, the images memory mode decodes from the local copy; the monitors' pool and
+    queries equal the local stream's."""
+    from contrastlab.config import EvalConfig
+    from contrastlab.data import stream
+
+    make_parquet(tmp_path / "shards", n_per_shard=40)
+    write_folder(tmp_path / "folder", per_class=12)
+    bucket = s3_store.bucket("streamed")
+    for kind, name in (("parquet", "shards"), ("imagefolder", "folder")):
+        local = DataConfig(dataset=kind, root=str(tmp_path / name), image_size=8)
+        uri = s3_store.upload(tmp_path / name, f"{bucket}/{name}")
+        remote = local.model_copy(update={"root": uri, "source": "stream"})
+        plan = stream.plan(remote)
+        assert plan.root == uri and not plan.paths[0].startswith("/")  # read from the store
+        held = load_dataset(local).train
+        assert len(plan) == len(held) and np.array_equal(plan.labels, held.labels.numpy())
+        batches = stream.StreamBatches(plan, remote, 0, 8, 0, 1, torch.device("cpu"))
+        steps = len(plan) // 8
+        seen = []
+        for x, y, pos in batches.epoch(0, steps):
+            assert torch.equal(x, held.images[pos]) and torch.equal(y, held.labels[pos])
+            seen.append(pos)
+        seen = torch.cat(seen)  # full batches only: all but the epoch's last n % 8 rows
+        assert len(seen) == steps * 8 and len(set(seen.tolist())) == steps * 8
+        ev = EvalConfig(monitor_train_size=10, monitor_test_size=6)
+        got = stream.monitor_splits(remote, ev, plan)
+        want = stream.monitor_splits(local, ev, stream.plan(local))
+        assert_same(got, want)
+        assert plan.where(0).startswith(f"{uri}/")  # messages name the object
+
+
 # --------------------------------------------------------------------------- bad input
 
 
