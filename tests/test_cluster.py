@@ -214,6 +214,25 @@ def test_gpu_workers_and_a_cpu_head(prepared):
     assert prepared["idle_timeout_minutes"] > 0
 
 
+def test_cpu_only_workers_for_streamed_decoding(prepared):
+    """A CPU-only worker type for Ray Data decode tasks: no GPU advertised, the CPU image,
+    and no `--gpus all` (which fails on an instance without a GPU); the node-type docker
+    keys replace the global ones, as Ray's autoscaler merges them."""
+    _, workers = _head_and_workers(prepared)
+    cpu_types = {n: t for n, t in workers.items() if t["resources"].get("GPU", 0) == 0}
+    assert cpu_types, "no CPU-only worker node type for decode tasks"
+    raw = _raw()
+    ray_pin = raw["docker"]["worker_image"].split(":")[1].rsplit("-py", 1)[0]
+    for name, t in cpu_types.items():
+        assert t["resources"]["CPU"] >= 8 and t["min_workers"] == 0, name
+        docker = {**raw["docker"], **t.get("docker", {})}
+        assert docker["worker_image"] == f"rayproject/ray:{ray_pin}-py311-cpu", name
+        assert not any("--gpus" in o for o in docker["worker_run_options"]), name
+        assert t["node_config"]["IamInstanceProfile"]["Name"] == "contrastlab-ray-worker"
+    total = sum(t["max_workers"] for t in workers.values())
+    assert total <= prepared["max_workers"]  # every type can reach its own maximum
+
+
 # --- the project, at this version ----------------------------------------------------------
 
 
