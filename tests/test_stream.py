@@ -290,3 +290,15 @@ def test_a_two_worker_trainer_trial_streams_and_reproduces_exactly(folder, tmp_p
     rep = reproduce(run_id=run.info.run_id, tracking_uri=uri, output_dir=tmp_path / "repro")
     assert rep.ok and rep.exact, rep.text
     assert {r["epoch"] for r in rep.rows if r["metric"] == "loss"} == {1, 2}
+
+
+@pytest.mark.parametrize("source", KINDS)
+def test_unlabeled_data_trains_on_every_image_in_both_modes(source, request):
+    """With labels: false no held-out split is cut from root, in memory as in the stream."""
+    root = request.getfixturevalue(source)
+    cfg = DataConfig(dataset=KINDS[source], root=str(root), image_size=8, labels=False)
+    mem = load_dataset(cfg)
+    assert len(mem.train) == N and mem.test is None
+    assert (mem.train.labels == -1).all()
+    plan = stream.plan(cfg)
+    assert len(plan) == N and (plan.labels == -1).all()

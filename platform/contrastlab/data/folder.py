@@ -206,7 +206,12 @@ def load_image_folder(cfg: DataConfig) -> DatasetSplits:
     class_to_idx = {c: i for i, c in enumerate(classes)}
     y = np.asarray(labels, dtype=np.int64)
     s = cfg.image_size
-    train_idx, test_idx = plan_rows(y, cfg, split=cfg.test_root is None)
+    # with labels: false every image trains (as for parquet): no held-out split of root
+    train_idx, test_idx = plan_rows(y, cfg, split=cfg.test_root is None and cfg.labels)
+    name = f"imagefolder:{PurePosixPath(cfg.root.rstrip('/')).name}"
+    if not cfg.labels:
+        x = decode_files([paths[i] for i in train_idx], s, "decoding train", loc)
+        return build_splits(cfg, name, (x, torch.from_numpy(y[train_idx])), None, len(classes))
     if test_idx is None:
         _, test_paths, test_list, test_loc = index_folder(
             cfg.test_root,  # type: ignore[arg-type]
@@ -223,7 +228,7 @@ def load_image_folder(cfg: DataConfig) -> DatasetSplits:
     test = (decode_files(test_paths, s, "decoding test", test_loc), torch.from_numpy(y_test))
     return build_splits(
         cfg,
-        name=f"imagefolder:{PurePosixPath(cfg.root.rstrip('/')).name}",
+        name=name,
         train=train,
         test=test,
         num_classes=len(classes),
