@@ -302,3 +302,24 @@ def test_unlabeled_data_trains_on_every_image_in_both_modes(source, request):
     assert (mem.train.labels == -1).all()
     plan = stream.plan(cfg)
     assert len(plan) == N and (plan.labels == -1).all()
+
+
+@pytest.mark.parametrize("source", KINDS)
+def test_the_monitors_test_root_is_memory_modes_test_split(source, request, tmp_path):
+    """With a test_root, the stream's monitor queries (all of them: monitor_test_size 0) are
+    memory mode's test split: same images, labels, classes; a folder's class count is its
+    folders', as in memory mode."""
+    from contrastlab.config import EvalConfig
+
+    root = request.getfixturevalue(source)
+    kind = KINDS[source]
+    held = tmp_path / "held"
+    (write_shards if kind == "parquet" else write_folder)(held, n=64)
+    cfg = DataConfig(dataset=kind, root=str(root), test_root=str(held), image_size=8)
+    mem = load_dataset(cfg)
+    ev = EvalConfig(monitor_train_size=40, monitor_test_size=0)
+    got = stream.monitor_splits(cfg, ev, stream.plan(cfg))
+    assert torch.equal(got.test.images, mem.test.images)
+    assert torch.equal(got.test.labels, mem.test.labels)
+    assert got.test.classes == mem.test.classes and got.test.num_classes == mem.test.num_classes
+    assert len(got.train) == 40 and (got.train.labels >= 0).all()

@@ -124,20 +124,25 @@ class Listing:
         return decode_files(files, size, desc, None if self.loc.prefix == "" else self.loc)
 
 
+#: How messages name each kind of root (``"image folder test_root"``), as the loaders do.
+_KIND_NAMES = {"parquet": "parquet", "imagefolder": "image folder"}
+
+
 def list_rows(
-    root: str, kind: str, what: str, labeled: bool = True, classes: tuple[str, ...] = ()
+    root: str, kind: str, key: str, labeled: bool = True, classes: tuple[str, ...] = ()
 ) -> Listing:
     """The :class:`Listing` of a parquet directory or an image folder (local path or URI).
 
     Args:
         root: the directory.
         kind: ``"parquet"`` or ``"imagefolder"``.
-        what: how messages name it (``"parquet root"``).
+        key: the config key it came from (``"root"``, ``"test_root"``), for messages.
         labeled: read labels (parquet: the ``label`` column; a folder: its class folders);
             False: every row -1.
         classes: a test root's training classes (image folder), which its folders must be
             among; empty for a training root.
     """
+    what = f"{_KIND_NAMES[kind]} {key}"
     if kind == "parquet":
         shards = scan_shards(root, what, labeled)
         return Listing(
@@ -149,7 +154,7 @@ def list_rows(
             shards=tuple(shards),
         )
     class_to_idx = {c: i for i, c in enumerate(classes)} if classes else None
-    found, files, labels, loc = index_folder(root, f"image folder {what.split()[-1]}", class_to_idx)
+    found, files, labels, loc = index_folder(root, what, class_to_idx)
     fs_loc = loc if loc is not None else open_fs(root)
     y = np.asarray(labels, dtype=np.int64) if labeled else np.full(len(files), -1, np.int64)
     return Listing(
@@ -166,7 +171,7 @@ def scan(cfg: DataConfig) -> tuple[Listing, np.ndarray, np.ndarray | None]:
     """``cfg.root``'s listing and its train / held-out rows (no decoding)."""
     if cfg.root is None:
         raise DataError(f"data.root is required for {cfg.dataset}")
-    listed = list_rows(cfg.root, cfg.dataset, f"{cfg.dataset} root", cfg.labels)
+    listed = list_rows(cfg.root, cfg.dataset, "root", cfg.labels)
     train_idx, test_idx = plan_rows(listed.labels, cfg, split=cfg.test_root is None and cfg.labels)
     return listed, train_idx, test_idx
 
@@ -483,12 +488,7 @@ def monitor_splits(cfg: DataConfig, ev: EvalConfig, plan: StreamPlan) -> Dataset
     num_classes = 0
     if labeled:
         if test_idx is None:
-            held = list_rows(
-                str(cfg.test_root),
-                cfg.dataset,
-                f"{cfg.dataset} test_root",
-                classes=listed.classes,
-            )
+            held = list_rows(str(cfg.test_root), cfg.dataset, "test_root", classes=listed.classes)
             test_idx = np.flatnonzero(held.labels >= 0)
         else:
             held = listed
