@@ -22,6 +22,7 @@ The kNN / label-free monitors' fixed subsets are decoded once into memory
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -312,7 +313,7 @@ def ensure_ray(object_store_mb: int) -> None:
     )
     print(
         f"contrastlab: data.source=stream started a local Ray ({os.cpu_count()} CPUs, "
-        f"{object_store_mb} MB object store) to decode the shards",
+        f"{object_store_mb} MB object store) to decode the training images",
         file=sys.stderr,
     )
 
@@ -350,6 +351,14 @@ class StreamBatches:
         self.local = batch_size // world
         self.skipped = 0  # rows left out by decode_errors='skip', over the run
         ensure_ray(cfg.stream_object_store_mb)
+        # Ray Data logs three INFO lines per epoch's pipeline between our progress lines: on
+        # the console only its warnings and errors show; its file log in the Ray session's
+        # folder keeps everything. (Importing ray.data configures its logging: import first.)
+        import ray.data  # noqa: F401
+
+        for handler in logging.getLogger("ray.data").handlers:
+            if not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.WARNING)
 
     def __len__(self) -> int:
         return len(self.plan)
