@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from contrastlab import tracking
@@ -190,11 +191,15 @@ def test_train_resume_of_a_moved_run_directory(tmp_path, tiny):
     moved.parent.mkdir()
     shutil.move(old, moved)
 
+    # the resumed process computes with as many threads as the reference did (a float sum
+    # split over another thread count rounds differently), whatever OMP_NUM_THREADS says
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
     out = subprocess.run(
         [sys.executable, "-m", "contrastlab", "train", "--resume", str(moved)],
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, **threads},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout)["run_dir"] == str(moved)
