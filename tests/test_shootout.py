@@ -34,7 +34,6 @@ def test_shootout_validates_each_method_against_its_own_config():
     assert isinstance(space, ShootoutSpace)
     assert space.methods == ("simclr", "moco", "supcon")
     assert space.total_trials == 3 * space.trials
-    assert [space.method_of(i) for i in range(6)] == ["simclr", "moco", "supcon"] * 2
     moco = space.spaces["moco"]
     assert "method.queue_size" in moco.param_paths
     assert "method.queue_size" not in space.spaces["simclr"].param_paths

@@ -617,10 +617,6 @@ class ShootoutSpace:
             paths += [p for p in sub.param_paths if p not in paths]
         return tuple(paths)
 
-    def method_of(self, trial_number: int) -> str:
-        """The method of the shootout's ``trial_number``-th trial (0-based): round-robin."""
-        return self.methods[trial_number % len(self.methods)]
-
     def config_for(self, sampled: Mapping[str, Any]) -> Config:
         """The trial's config: ``sampled[METHOD_KEY]`` picks the method, the rest are its
         sampled values (see :meth:`SearchSpace.config_for`).
