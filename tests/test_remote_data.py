@@ -131,8 +131,8 @@ def test_streaming_from_s3_equals_local_memory(tmp_path: Path, s3_store, ray_s3)
         seen = torch.cat(seen)  # full batches only: all but the epoch's last n % 8 rows
         assert len(seen) == steps * 8 and len(set(seen.tolist())) == steps * 8
         ev = EvalConfig(monitor_train_size=10, monitor_test_size=6)
-        got = stream.monitor_splits(remote, ev, plan)
-        want = stream.monitor_splits(local, ev, stream.plan(local))
+        got = stream.monitor_splits(remote, ev)
+        want = stream.monitor_splits(local, ev)
         assert_same(got, want)
         assert plan.where(0).startswith(f"{uri}/")  # messages name the object
 

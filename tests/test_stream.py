@@ -318,7 +318,7 @@ def test_the_monitors_test_root_is_memory_modes_test_split(source, request, tmp_
     cfg = DataConfig(dataset=kind, root=str(root), test_root=str(held), image_size=8)
     mem = load_dataset(cfg)
     ev = EvalConfig(monitor_train_size=40, monitor_test_size=0)
-    got = stream.monitor_splits(cfg, ev, stream.plan(cfg))
+    got = stream.monitor_splits(cfg, ev)
     assert torch.equal(got.test.images, mem.test.images)
     assert torch.equal(got.test.labels, mem.test.labels)
     assert got.test.classes == mem.test.classes and got.test.num_classes == mem.test.num_classes

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from contrastlab import evaluate
 from contrastlab.augment import BatchAugment
-from contrastlab.config import Config, ConfigError, saved_config
+from contrastlab.config import STREAMED, Config, ConfigError, saved_config
 from contrastlab.data import DatasetSplits, load_dataset, stream
 from contrastlab.data.load import resolve_source, with_eval_set
 from contrastlab.distributed import (
@@ -130,11 +130,14 @@ class Trainer:
         store = self.device if cfg.data.on_device else torch.device("cpu")
         # where the training batches come from: `batches(epoch, steps)` yields this worker's
         # (uint8 images, labels, row index) on the device, from memory or streamed
-        self.source = "memory" if data is not None else resolve_source(cfg.data)
+        # a root that may stream is listed once: for auto's size, the plan and the monitors
+        streamable = data is None and cfg.data.dataset in STREAMED and cfg.data.source != "memory"
+        scanned = stream.scan(cfg.data) if streamable else None
+        self.source = "memory" if data is not None else resolve_source(cfg.data, scanned)
         self.batches: Callable[[int, int], Iterator[Batch]]
         if self.source == "stream":
-            plan = stream.plan(cfg.data)
-            data = with_eval_set(cfg.data, stream.monitor_splits(cfg.data, cfg.eval, plan))
+            plan = stream.plan(cfg.data, scanned)
+            data = with_eval_set(cfg.data, stream.monitor_splits(cfg.data, cfg.eval, scanned))
             self.stream = stream.StreamBatches(
                 plan, cfg.data, t.seed, t.batch_size, self.rank, self.world, self.device
             )

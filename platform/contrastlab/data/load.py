@@ -12,6 +12,7 @@ from .digits import load_digits_splits
 from .folder import load_image_folder
 from .parquet import load_parquet
 from .stl10 import load_stl10
+from .stream import Scan, decoded_gb, scan
 
 LOADERS: dict[str, Callable[[DataConfig], DatasetSplits]] = {
     "digits": load_digits_splits,
@@ -70,17 +71,14 @@ def with_eval_set(cfg: DataConfig, splits: DatasetSplits) -> DatasetSplits:
     return splits.with_eval(LOADERS[ev.dataset](ev))
 
 
-def resolve_source(cfg: DataConfig) -> str:
+def resolve_source(cfg: DataConfig, scanned: Scan | None = None) -> str:
     """``"memory"`` or ``"stream"``: ``data.source``, or for ``auto`` whether the decoded
-    training set (``N * 3 * S * S`` bytes, N from the shards' labels or the folder's listing)
-    exceeds ``data.stream_above_gb`` (parquet and image folders; every other dataset is
-    decoded into memory)."""
+    training set (``N * 3 * S * S`` bytes, N from the shards' labels or the folder's listing,
+    ``scanned`` when the caller has listed it) exceeds ``data.stream_above_gb`` (parquet and
+    image folders; every other dataset is decoded into memory)."""
     if cfg.source != "auto":
         return cfg.source
     if cfg.dataset not in STREAMED:
         return "memory"
-    from .stream import decoded_gb, plan
-
-    return (
-        "stream" if decoded_gb(len(plan(cfg)), cfg.image_size) > cfg.stream_above_gb else "memory"
-    )
+    n = len((scanned or scan(cfg)).train_idx)
+    return "stream" if decoded_gb(n, cfg.image_size) > cfg.stream_above_gb else "memory"

@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -168,18 +169,27 @@ def list_rows(
     )
 
 
-def scan(cfg: DataConfig) -> tuple[Listing, np.ndarray, np.ndarray | None]:
-    """``cfg.root``'s listing and its train / held-out rows (no decoding)."""
+class Scan(NamedTuple):
+    """``data.root`` listed once, and the rows the config trains and holds out."""
+
+    listing: Listing
+    train_idx: np.ndarray
+    test_idx: np.ndarray | None  # None: the held-out split is test_root's (or none)
+
+
+def scan(cfg: DataConfig) -> Scan:
+    """``cfg.root``'s listing and its train / held-out rows (no decoding). A run lists its
+    root once and hands the :class:`Scan` to :func:`plan` and :func:`monitor_splits`."""
     if cfg.root is None:
         raise DataError(f"data.root is required for {cfg.dataset}")
     listed = list_rows(cfg.root, cfg.dataset, "root", cfg.labels)
     train_idx, test_idx = plan_rows(listed.labels, cfg, split=cfg.test_root is None and cfg.labels)
-    return listed, train_idx, test_idx
+    return Scan(listed, train_idx, test_idx)
 
 
-def plan(cfg: DataConfig) -> StreamPlan:
-    """The :class:`StreamPlan` of ``cfg``'s training rows."""
-    listed, train_idx, _ = scan(cfg)
+def plan(cfg: DataConfig, scanned: Scan | None = None) -> StreamPlan:
+    """The :class:`StreamPlan` of ``cfg``'s training rows (from ``scanned``, else listed)."""
+    listed, train_idx, _ = scanned or scan(cfg)
     local = listed.loc.prefix == "" and not is_uri(str(cfg.root))
     # a local root is made absolute: decode tasks may run in another working directory
     return StreamPlan(
@@ -470,7 +480,7 @@ def _take(
 # --------------------------------------------------------------------------- monitors
 
 
-def monitor_splits(cfg: DataConfig, ev: EvalConfig, plan: StreamPlan) -> DatasetSplits:
+def monitor_splits(cfg: DataConfig, ev: EvalConfig, scanned: Scan | None = None) -> DatasetSplits:
     """The monitors' images, decoded once into memory while training streams.
 
     The pool of training images is a fixed subset (seed 0) of ``eval.monitor_train_size``
@@ -478,8 +488,9 @@ def monitor_splits(cfg: DataConfig, ev: EvalConfig, plan: StreamPlan) -> Dataset
     label-free monitors split it); the held-out queries a fixed ``eval.monitor_test_size``
     subset of the held-out split (``test_root`` or the split of ``root``). 0 = all rows. The
     pool's mean/std are the augmentation's. ``knn_full_*`` is then the same set, not reported.
+    ``scanned``: ``cfg``'s :func:`scan`, when the caller has it already.
     """
-    listed, train_idx, test_idx = scan(cfg)
+    listed, train_idx, test_idx = scanned or scan(cfg)
     labels = listed.labels
     s = cfg.image_size
     labeled = cfg.labels
