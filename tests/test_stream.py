@@ -231,6 +231,7 @@ def _stream_sweep(tmp_path: Path, root: Path, kind: str, trials: int, **over):
         "scheduler": {"name": "fifo"},
         **over,
     }
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "stream.yaml").write_text(yaml.safe_dump(raw))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = run_sweep(
@@ -323,3 +324,31 @@ def test_the_monitors_test_root_is_memory_modes_test_split(source, request, tmp_
     assert torch.equal(got.test.labels, mem.test.labels)
     assert got.test.classes == mem.test.classes and got.test.num_classes == mem.test.num_classes
     assert len(got.train) == 40 and (got.train.labels >= 0).all()
+
+
+def test_a_local_sweep_that_leaves_no_cpu_for_decoding_is_refused_up_front(
+    shards, tmp_path, ray_local
+):
+    """Two 1-CPU trials at once on a 2-CPU Ray would hold every CPU, and their decode tasks
+    would never start: refused before any run or trial, naming what fits."""
+    from contrastlab import tracking
+    from contrastlab.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"2 trial\(s\) at once x 1 CPUs hold 2 of this ") as e:
+        _stream_sweep(tmp_path, shards, "parquet", trials=2, concurrency=2)
+    assert "concurrency <= 1 (it is 2)" in str(e.value)
+    assert "data.stream_task_cpus=1" in str(e.value)
+    c = tracking.client(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = c.search_runs([x.experiment_id for x in c.search_experiments()])
+    assert runs == [] and not (tmp_path / "sweeps").exists()
+    # the same sweep with decode tasks of a quarter CPU fits beside a 0.5-CPU trial pair
+    out, _ = _stream_sweep(
+        tmp_path / "fits",
+        shards,
+        "parquet",
+        trials=2,
+        concurrency=2,
+        resources={"cpus_per_worker": 0.5},
+        data_over={"stream_task_cpus": 0.25},
+    )
+    assert [t["status"] for t in out.trials] == ["FINISHED", "FINISHED"]

@@ -439,6 +439,62 @@ def check_data(space: SweepSpec, options: SweepOptions) -> None:
             data_sources(data)
 
 
+def _local_ray_resources() -> tuple[float, float]:
+    """``(CPUs, GPUs)`` of the local Ray a sweep runs on: the running one's, else what
+    :func:`init_ray` will start (every CPU and GPU of this machine)."""
+    import ray
+
+    if ray.is_initialized():
+        total = ray.cluster_resources()
+        return total.get("CPU", 0.0), total.get("GPU", 0.0)
+    import torch
+
+    return float(os.cpu_count() or 1), float(torch.cuda.device_count())
+
+
+def check_decode_room(space: SweepSpec, options: SweepOptions, runner: str) -> None:
+    """On a local Ray, trials whose data streams must leave CPUs free for the decode tasks:
+    trials holding every CPU would wait forever for batches no task can decode.
+
+    On a cluster (``ray_address`` / ``$RAY_ADDRESS``) nothing is checked: the autoscaler
+    adds CPU nodes for waiting decode tasks (``cpu_worker`` in cluster.yaml).
+
+    Raises:
+        ConfigError: naming the space, what the trials hold and what would fit.
+    """
+    if options.ray_address or os.environ.get("RAY_ADDRESS"):
+        return
+    from contrastlab.data.load import resolve_source
+
+    specs = list(space.spaces.values()) if isinstance(space, ShootoutSpace) else [space]
+    for spec in specs:
+        data = build_config(spec.base, spec.method, spec.epochs, {}).data
+        if resolve_source(data) != "stream":
+            continue
+        res = space.resources
+        cpus, gpus = _local_ray_resources()
+        # what one trial holds: its workers, and in trainer mode the waiting trial process
+        per_trial = res.workers * res.cpus_per_worker + (0.01 if runner == "trainer" else 0)
+        fits = int(cpus // per_trial)
+        if res.gpus_per_worker > 0:
+            fits = min(fits, int(gpus // (res.workers * res.gpus_per_worker)))
+        running = min(space.concurrency, fits)
+        free = cpus - running * per_trial
+        need = data.stream_task_cpus
+        if free + 1e-9 >= need:
+            continue
+        most = int((cpus - need) // per_trial)
+        fixes = [f"concurrency <= {most} (it is {space.concurrency})"] if most >= 1 else []
+        fixes += ["a smaller resources.cpus_per_worker", "a smaller data.stream_task_cpus"]
+        raise ConfigError(
+            f"{spec.path}: the trials stream their data (data.source resolves to 'stream'): "
+            f"{running} trial(s) at once x {per_trial:g} CPUs hold {running * per_trial:g} of "
+            f"this machine's {cpus:g} CPUs, leaving {free:g}, but each decode task needs "
+            f"data.stream_task_cpus={need:g}, so no batch would ever arrive; allowed: "
+            + ", ".join(fixes)
+        )
+
+
 def open_sweep(space: SweepSpec, kind: str, options: SweepOptions) -> SweepSettings:
     """Everything before Ray: check the store, pick the runner, create or find the parent run.
 
@@ -460,6 +516,7 @@ def open_sweep(space: SweepSpec, kind: str, options: SweepOptions) -> SweepSetti
         raise ConfigError(
             f"{space.path}: resources.workers={space.resources.workers} needs runner 'trainer'"
         )
+    check_decode_room(space, options, runner)
     experiment = options.experiment or f"contrastlab-{space.name}"
     exp_id = tracking.experiment_id(uri, experiment)
     if resume:
