@@ -702,7 +702,7 @@ class DataConfig(_Strict):
         "stop",
         description="stream: an image that fails to decode stops the run naming its file and "
         "row ('stop'), or is left out and counted ('skip': decode_skipped in the metrics, "
-        "a warning naming the rows; one worker only)",
+        "a line on stderr naming the rows each epoch; one worker only)",
     )
 
     @model_validator(mode="after")
