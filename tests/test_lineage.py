@@ -114,3 +114,39 @@ def test_a_sweep_with_a_missing_data_root_fails_before_ray_and_mlflow(tmp_path):
     assert not (tmp_path / "sweeps").exists()
     exp = tracking.client(uri).get_experiment_by_name("contrastlab-<dict>")
     assert exp is None or not tracking.client(uri).search_runs([exp.experiment_id])
+
+
+def test_runs_logging_the_same_new_dataset_at_once_all_get_it(tmp_path: Path) -> None:
+    """Concurrent trials record the same dataset: MLflow's SQL store looks a dataset up, then
+    inserts it, so all but one insert break its unique key. Each run still ends with its one
+    dataset input, and none raises (a sweep trial FAILED on this). Six runs released at
+    once by a barrier, fifteen new datasets: before the fix 14 of 15 rounds raised."""
+    import threading
+
+    from contrastlab.data.lineage import DataSource
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = tracking.client(uri)
+    exp = c.create_experiment("lineage-race")
+    errors: list[BaseException] = []
+    for k in range(15):
+        sources = [DataSource(f"parquet:d{k}", "/data/d", f"{k:016x}", 10, "training")]
+        runs = [c.create_run(exp).info.run_id for _ in range(6)]
+        start = threading.Barrier(len(runs))
+
+        def log(run_id: str, sources=sources, start=start) -> None:
+            start.wait()
+            try:
+                tracking.log_data_inputs(uri, run_id, sources)
+            except BaseException as e:  # noqa: BLE001 - collected, asserted below
+                errors.append(e)
+
+        threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        got = [c.get_run(r).inputs.dataset_inputs for r in runs]
+        assert [len(g) for g in got] == [1] * len(runs)
+        assert {g[0].dataset.digest for g in got} == {f"{k:016x}"}
+    assert errors == []

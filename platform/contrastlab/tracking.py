@@ -483,9 +483,24 @@ def log_data_inputs(uri: str, run_id: str, sources: list) -> None:
     """Record the run's datasets (``data.lineage.data_sources``: source, digest, rows; training
     / evaluation) as MLflow dataset inputs; :mod:`contrastlab.data.lineage` says what the
     digest covers."""
+    from mlflow.exceptions import MlflowException
+
     from contrastlab.data.lineage import mlflow_inputs
 
-    client(uri).log_inputs(run_id, datasets=mlflow_inputs(sources))
+    datasets = mlflow_inputs(sources)
+    for attempt in range(3):
+        try:
+            client(uri).log_inputs(run_id, datasets=datasets)
+            return
+        except MlflowException as e:
+            # Concurrent trials logging the same new dataset: the SQL store looks the dataset
+            # up, then inserts it, so the slower insert breaks UNIQUE(experiment, name,
+            # digest) and its transaction rolls back. The row exists now: the next attempt
+            # only links it. (A sweep's trial FAILED on this once.)
+            text = str(e)
+            duplicate = "IntegrityError" in text or "unique constraint" in text.lower()
+            if not duplicate or attempt == 2:
+                raise
 
 
 def data_digests(run: Any) -> dict[str, tuple[str, str]]:
