@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from contrastlab import evaluate
 from contrastlab.augment import BatchAugment
-from contrastlab.config import STREAMED, Config, ConfigError, saved_config
+from contrastlab.config import Config, ConfigError, saved_config
 from contrastlab.data import DatasetSplits, load_dataset, stream
-from contrastlab.data.load import resolve_source, with_eval_set
+from contrastlab.data.load import open_source, with_eval_set
 from contrastlab.distributed import (
     all_reduce_mean,
     average_gradients,
@@ -131,9 +131,7 @@ class Trainer:
         # where the training batches come from: `batches(epoch, steps)` yields this worker's
         # (uint8 images, labels, row index) on the device, from memory or streamed
         # a root that may stream is listed once: for auto's size, the plan and the monitors
-        streamable = data is None and cfg.data.dataset in STREAMED and cfg.data.source != "memory"
-        scanned = stream.scan(cfg.data) if streamable else None
-        self.source = "memory" if data is not None else resolve_source(cfg.data, scanned)
+        self.source, scanned = ("memory", None) if data is not None else open_source(cfg.data)
         self.batches: Callable[[int, int], Iterator[Batch]]
         if self.source == "stream":
             plan = stream.plan(cfg.data, scanned)

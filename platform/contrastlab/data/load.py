@@ -71,14 +71,22 @@ def with_eval_set(cfg: DataConfig, splits: DatasetSplits) -> DatasetSplits:
     return splits.with_eval(LOADERS[ev.dataset](ev))
 
 
-def resolve_source(cfg: DataConfig, scanned: Scan | None = None) -> str:
-    """``"memory"`` or ``"stream"``: ``data.source``, or for ``auto`` whether the decoded
-    training set (``N * 3 * S * S`` bytes, N from the shards' labels or the folder's listing,
-    ``scanned`` when the caller has listed it) exceeds ``data.stream_above_gb`` (parquet and
-    image folders; every other dataset is decoded into memory)."""
-    if cfg.source != "auto":
-        return cfg.source
-    if cfg.dataset not in STREAMED:
-        return "memory"
-    n = len((scanned or scan(cfg)).train_idx)
-    return "stream" if decoded_gb(n, cfg.image_size) > cfg.stream_above_gb else "memory"
+def open_source(cfg: DataConfig) -> tuple[str, Scan | None]:
+    """``("memory" | "stream", scan)``: ``data.source``, or for ``auto`` whether the decoded
+    training set (``N * 3 * S * S`` bytes, N from the shards' labels or the folder's listing)
+    exceeds ``data.stream_above_gb`` (parquet and image folders; every other dataset is
+    decoded into memory). ``scan`` is the root's listing when one was made (a source that
+    may stream), for the stream's plan and monitors, so the root is listed once."""
+    if cfg.source == "memory" or cfg.dataset not in STREAMED:
+        return "memory", None
+    scanned = scan(cfg)
+    if cfg.source == "stream":
+        return "stream", scanned
+    big = decoded_gb(len(scanned.train_idx), cfg.image_size) > cfg.stream_above_gb
+    return ("stream" if big else "memory"), scanned
+
+
+def resolve_source(cfg: DataConfig) -> str:
+    """``"memory"`` or ``"stream"``, as :func:`open_source` decides (listing the root only
+    for ``auto``)."""
+    return cfg.source if cfg.source != "auto" else open_source(cfg)[0]
